@@ -1,0 +1,36 @@
+# `make test` and `make demo` work on a fresh machine: they build .venv and
+# install everything first (a stamp file keeps the second run fast).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Pinned: an unpinned torch pulls a CUDA build of several GB; 2.13.0 is the
+# CPU wheel the developer and CI machines carry.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install test demo lint bench-mask clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[torch,test,bench,lint]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m flexjax.gym
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench-mask: install
+	$(PY) bench/bench_create_block_mask.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

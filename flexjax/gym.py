@@ -1,0 +1,212 @@
+"""The gym: every seed example end to end (what `make demo` runs).
+
+For each example of the catalogue (flexjax.examples) it builds the BlockMask,
+prints its picture and sparsity, runs every available implementation, checks
+each against the float32 dense reference, and prints a timing table.
+
+Implementations today: "reference" (dense jnp, O(S^2)) and, where the example
+is a pure mask, "jax.nn sdpa + mask" (`jax.nn.dot_product_attention` given the
+dense mask from `create_mask`, an oracle independent of flexjax's mod code).
+
+With no GPU it uses the catalogue's "small" sizes and says so; on a GPU it
+uses the seed's sizes (`--scale seed`), where the dense implementations are
+skipped once the scores would not fit.
+
+    python -m flexjax.gym                       # all examples
+    python -m flexjax.gym --examples causal document --scale small
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flexjax as fj
+from flexjax.examples import EXAMPLES, Case
+from flexjax.reference import flex_attention_reference
+
+# Dense implementations hold B*H*L*S float32 scores (several copies under grad).
+_DENSE_SCORE_LIMIT = 1 << 28
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    example: str
+    impl: str
+    fw_ms: float | None
+    bw_ms: float | None
+    max_err: float | None
+    ok: bool
+    note: str = ""
+
+
+def _on_gpu() -> bool:
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+def _time_ms(fn, reps: int) -> float:
+    jax.block_until_ready(fn())  # warm-up: trace, compile, run
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _inputs(case: Case, seed: int = 0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (case.B, case.H, case.Q_LEN, case.D), case.dtype)
+    k = jax.random.normal(ks[1], (case.B, case.H, case.KV_LEN, case.D), case.dtype)
+    v = jax.random.normal(ks[2], (case.B, case.H, case.KV_LEN, case.D), case.dtype)
+    dout = jax.random.normal(ks[3], (case.B, case.H, case.Q_LEN, case.D), case.dtype)
+    return q, k, v, dout
+
+
+def _fwd_bwd(attn):
+    """jitted forward, and forward+backward returning (dq, dk, dv)."""
+    fwd = jax.jit(attn)
+
+    def loss(q, k, v, dout):
+        return jnp.sum(attn(q, k, v).astype(jnp.float32) * dout.astype(jnp.float32))
+
+    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return fwd, bwd
+
+
+def _sdpa_with_mask(dense_mask):
+    def attn(q, k, v):  # jax.nn wants [B, T, N, H]
+        t = lambda x: jnp.swapaxes(x, 1, 2)
+        out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=dense_mask, implementation="xla")
+        return t(out)
+
+    return attn
+
+
+def run_example(name: str, scale: str, reps: int, show_picture: bool, tol: float) -> list[Row]:
+    case = EXAMPLES[name].case(scale)
+    print(f"\n=== {name}: {EXAMPLES[name].description}")
+    print(
+        f"    B={case.B} H={case.H} Q_LEN={case.Q_LEN} KV_LEN={case.KV_LEN} D={case.D} "
+        f"dtype={case.dtype.name}"
+    )
+    block_mask = None
+    if case.mask_mod is not None:
+        block_size = 128 if scale == "seed" else 32
+        t0 = time.perf_counter()
+        block_mask = fj.create_block_mask(
+            case.mask_mod, 1, 1, case.Q_LEN, case.KV_LEN, BLOCK_SIZE=block_size
+        )
+        jax.block_until_ready(block_mask.kv_indices)
+        print(f"    create_block_mask: {(time.perf_counter() - t0) * 1e3:.1f} ms (first call)")
+        print(f"    sparsity {block_mask.sparsity():.2f}%")
+        if show_picture:
+            print("    " + str(block_mask).replace("\n", "\n    "))
+    else:
+        print("    block mask: None (every block computed)")
+
+    q, k, v, dout = _inputs(case)
+    dense_elems = case.B * case.H * case.Q_LEN * case.KV_LEN
+    if dense_elems > _DENSE_SCORE_LIMIT:
+        print(f"    dense implementations skipped: {dense_elems:.2e} scores do not fit")
+        return []
+
+    impls = {
+        "reference": lambda q, k, v: flex_attention_reference(
+            q, k, v, score_mod=case.score_mod, block_mask=block_mask
+        )
+    }
+    if case.sdpa_comparable:
+        dense = fj.create_mask(case.mask_mod or case.score_mod, 1, 1, case.Q_LEN, case.KV_LEN)
+        impls["jax.nn sdpa + mask"] = _sdpa_with_mask(dense)
+
+    # Oracle: the reference on float32 copies of the inputs.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, dout)]
+    oracle_fwd, oracle_bwd = _fwd_bwd(impls["reference"])
+    want = [oracle_fwd(*f32[:3]), *oracle_bwd(*f32)]
+    rows = []
+    for impl, attn in impls.items():
+        fwd, bwd = _fwd_bwd(attn)
+        got = [fwd(q, k, v), *bwd(q, k, v, dout)]
+        errs = []
+        for g, w in zip(got, want, strict=True):
+            g = np.asarray(g, np.float32)
+            w = np.asarray(w, np.float32)
+            scale_ = max(float(np.abs(w).max()), 1e-6)
+            errs.append(float(np.abs(g - w).max()) / scale_ if np.isfinite(g).all() else np.inf)
+        err = max(errs)
+        rows.append(
+            Row(
+                example=name,
+                impl=impl,
+                fw_ms=_time_ms(lambda fwd=fwd: fwd(q, k, v), reps),
+                bw_ms=_time_ms(lambda bwd=bwd: bwd(q, k, v, dout), reps),
+                max_err=err,
+                ok=err <= tol,
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ["example", "implementation", "FW ms", "FW+BW ms", "max rel err", "check"]
+    lines = [header]
+    for r in rows:
+        f = lambda x: "-" if x is None else f"{x:.3f}"
+        lines.append(
+            [
+                r.example,
+                r.impl,
+                f(r.fw_ms),
+                f(r.bw_ms),
+                f"{r.max_err:.1e}",
+                "ok" if r.ok else "FAIL",
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for j, line in enumerate(lines):
+        print(" | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)))
+        if j == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run every seed example through flexjax.")
+    p.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=list(EXAMPLES))
+    p.add_argument("--scale", choices=["auto", "small", "seed"], default="auto")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the block mask pictures")
+    args = p.parse_args(argv)
+
+    gpu = _on_gpu()
+    scale = args.scale if args.scale != "auto" else ("seed" if gpu else "small")
+    print(f"flexjax gym: jax {jax.__version__} on {jax.devices()[0].platform}")
+    if scale == "small":
+        print("No GPU (or --scale small): running small sizes on the CPU; see flexjax/examples.py.")
+    rows = []
+    t_start = time.perf_counter()
+    for i, name in enumerate(args.examples, 1):
+        print(f"\n[{i}/{len(args.examples)}] {name} ({time.perf_counter() - t_start:.0f} s so far)")
+        case_dtype = EXAMPLES[name].case(scale).dtype
+        tol = 1e-4 if case_dtype == jnp.float32 else 2e-2
+        rows += run_example(name, scale, args.reps, not args.no_pictures, tol)
+    print("\nTimings: median of --reps runs after a warm-up; errors are max |x - ref| / max |ref|")
+    print("over out, dq, dk, dv against the float32 dense reference.\n")
+    print_table(rows)
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} check(s) FAILED: {[(r.example, r.impl) for r in failed]}")
+        return 1
+    print(f"\nAll {len(rows)} checks passed in {time.perf_counter() - t_start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""create_mask and create_block_mask, evaluated in bounded memory.
+
+PyTorch's eager `create_block_mask` materialises the dense B*H*Q_LEN*KV_LEN mask
+first (10 GiB at S = 32K, out of memory at 128K on an 80 GB card). Here the
+mask_mod is evaluated one (batch, head, q-block row) at a time, a few rows per
+step of a `lax.map`, and each row is reduced to per-block counts of kept
+elements straight away; only the [B, H, R, C] block classes are ever stored.
+Everything is jnp under `jax.jit`, so it also runs inside a user's jit.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from flexjax.block_mask import (
+    DEFAULT_SPARSE_BLOCK_SIZE,
+    BlockMask,
+    dense_to_ordered,
+    parse_block_size,
+)
+from flexjax.mod_utils import ModKind, check_mod_kind, check_mod_output, get_mod_kind, vmap_bhqkv
+
+__all__ = ["create_block_mask", "create_mask"]
+
+# Mask elements evaluated per lax.map step; bounds create_block_mask's working
+# memory (a few bytes per element) independently of the sequence length.
+_ELEMENTS_PER_STEP = 1 << 24
+
+
+def _check_dim(value, argname: str, allow_none: bool) -> int:
+    if value is None and allow_none:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"{argname} must be a positive int{' or None' if allow_none else ''}, got {value!r}"
+        )
+    return value
+
+
+def create_mask(
+    mod_fn: Callable, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device=None
+) -> jax.Array:
+    """The dense [B, H, Q_LEN, KV_LEN] bool mask of a mask_mod or a score_mod.
+
+    For a score_mod, an element is kept unless the mod turns a zero score into
+    -inf (PyTorch's rule). This is O(B*H*Q_LEN*KV_LEN): for tests, pictures and
+    the dense reference, not for long sequences.
+    """
+    B = _check_dim(B, "B", True)
+    H = _check_dim(H, "H", True)
+    Q_LEN = _check_dim(Q_LEN, "Q_LEN", False)
+    KV_LEN = _check_dim(KV_LEN, "KV_LEN", False)
+    kind = get_mod_kind(mod_fn)
+    check_mod_output(mod_fn, kind, "mod_fn")
+    b, h = jnp.arange(B, dtype=jnp.int32), jnp.arange(H, dtype=jnp.int32)
+    q, kv = jnp.arange(Q_LEN, dtype=jnp.int32), jnp.arange(KV_LEN, dtype=jnp.int32)
+    lifted = vmap_bhqkv(mod_fn, kind)
+    if kind is ModKind.SCORE_MOD:
+        scores = jnp.zeros((B, H, Q_LEN, KV_LEN), jnp.float32)
+        mask = ~jnp.isneginf(lifted(scores, b, h, q, kv))
+    else:
+        mask = jnp.broadcast_to(lifted(b, h, q, kv), (B, H, Q_LEN, KV_LEN))
+    return _place(mask, device)
+
+
+def _place(x, device):
+    return x if device is None else jax.device_put(x, device)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _block_counts(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs) -> jax.Array:
+    """[B, H, R, C] int32: how many elements of each block the mask_mod keeps."""
+    R, C = -(-Q_LEN // q_bs), -(-KV_LEN // kv_bs)
+    lifted = vmap_bhqkv(mask_mod, ModKind.MASK_MOD)
+    kv = jnp.arange(C * kv_bs, dtype=jnp.int32)
+    kv_valid = kv < KV_LEN
+    # The mod only ever sees in-range indices: padding positions are clamped
+    # for the call and then forced to False (a document_id[kv_idx] lookup must
+    # not read past the end).
+    kv_in = jnp.minimum(kv, KV_LEN - 1)
+
+    def one_row(bhr):
+        b, h, r = bhr
+        q = r * q_bs + jnp.arange(q_bs, dtype=jnp.int32)
+        q_valid = q < Q_LEN
+        keep = lifted(b, h, jnp.minimum(q, Q_LEN - 1), kv_in)
+        keep = jnp.broadcast_to(keep, (q_bs, C * kv_bs))
+        keep = keep & q_valid[:, None] & kv_valid[None, :]
+        return jnp.sum(keep.reshape(q_bs, C, kv_bs), axis=(0, 2), dtype=jnp.int32)
+
+    bb, hh, rr = jnp.meshgrid(
+        jnp.arange(B, dtype=jnp.int32),
+        jnp.arange(H, dtype=jnp.int32),
+        jnp.arange(R, dtype=jnp.int32),
+        indexing="ij",
+    )
+    units = (bb.reshape(-1), hh.reshape(-1), rr.reshape(-1))
+    rows_per_step = max(1, min(B * H * R, _ELEMENTS_PER_STEP // (q_bs * C * kv_bs)))
+    counts = jax.lax.map(one_row, units, batch_size=rows_per_step)
+    return counts.reshape(B, H, R, C)
+
+
+def create_block_mask(
+    mask_mod: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device=None,
+    BLOCK_SIZE: int | tuple[int, int] = DEFAULT_SPARSE_BLOCK_SIZE,
+    _compile: bool = False,
+) -> BlockMask:
+    """Build the BlockMask of `mask_mod` for [B, H, Q_LEN, KV_LEN] (PyTorch's signature).
+
+    B and H may be None (meaning 1, broadcast over the batch / query heads).
+    BLOCK_SIZE is an int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE). Lengths need not be
+    multiples of the block size: the last block row / column is partial.
+    Memory is O(B*H*R*C) for the tables plus a bounded working set, never the
+    dense mask. `_compile` is accepted for PyTorch compatibility and ignored
+    (this always runs under jax.jit). `device`, if given, is where the tables go.
+    """
+    check_mod_kind(mask_mod, ModKind.MASK_MOD, "mask_mod")
+    check_mod_output(mask_mod, ModKind.MASK_MOD, "mask_mod")
+    B = _check_dim(B, "B", True)
+    H = _check_dim(H, "H", True)
+    Q_LEN = _check_dim(Q_LEN, "Q_LEN", False)
+    KV_LEN = _check_dim(KV_LEN, "KV_LEN", False)
+    q_bs, kv_bs = parse_block_size(BLOCK_SIZE)
+    del _compile
+
+    counts = _block_counts(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs)
+    full = counts == q_bs * kv_bs
+    partial = (counts > 0) & ~full
+    kv_num_blocks, kv_indices = dense_to_ordered(partial)
+    full_kv_num_blocks, full_kv_indices = dense_to_ordered(full)
+    q_num_blocks, q_indices = dense_to_ordered(jnp.swapaxes(partial, -1, -2))
+    full_q_num_blocks, full_q_indices = dense_to_ordered(jnp.swapaxes(full, -1, -2))
+    tables = [
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+    ]
+    tables = [_place(t, device) for t in tables]
+    return BlockMask((Q_LEN, KV_LEN), *tables, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

@@ -1,0 +1,171 @@
+"""How flexjax calls a user's mod: signature checks and the b/h/q/kv vmap.
+
+A mod is written for one score element, exactly as in PyTorch: every index
+argument is a scalar int32 array, so `intervals[image_idx][0]` means what it
+says. `vmap_bhqkv` lifts such a scalar function over whole index ranges; the
+dense reference, `create_mask` and `create_block_mask` all evaluate mods this
+way, and the kernels trace the same lifted function at their tile shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ModKind",
+    "and_masks",
+    "get_mod_kind",
+    "mod_name",
+    "noop_mask",
+    "or_masks",
+    "vmap_bhqkv",
+]
+
+
+class ModKind(enum.Enum):
+    SCORE_MOD = 5  # score_mod(score, b, h, q_idx, kv_idx)
+    MASK_MOD = 4  # mask_mod(b, h, q_idx, kv_idx)
+
+
+def mod_name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _num_required_positional(fn: Callable) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot read the signature of mod {mod_name(fn)}: {e}") from e
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise TypeError(
+            f"mod {mod_name(fn)} takes *args; write it with explicit arguments: "
+            "score_mod(score, b, h, q_idx, kv_idx) or mask_mod(b, h, q_idx, kv_idx)"
+        )
+    return sum(
+        1
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+
+
+def get_mod_kind(fn: Callable) -> ModKind:
+    """5 required positional arguments make a score_mod, 4 a mask_mod (PyTorch's rule)."""
+    if not callable(fn):
+        raise TypeError(f"a mod must be callable, got {type(fn).__name__}: {fn!r}")
+    n = _num_required_positional(fn)
+    if n == 5:
+        return ModKind.SCORE_MOD
+    if n == 4:
+        return ModKind.MASK_MOD
+    raise TypeError(
+        f"mod {mod_name(fn)} takes {n} required positional arguments; expected 5 for a "
+        "score_mod(score, b, h, q_idx, kv_idx) or 4 for a mask_mod(b, h, q_idx, kv_idx)"
+    )
+
+
+def check_mod_kind(fn: Callable, expected: ModKind, argname: str) -> None:
+    kind = get_mod_kind(fn)
+    if kind is not expected:
+        want = "score_mod(score, b, h, q_idx, kv_idx)"
+        if expected is ModKind.MASK_MOD:
+            want = "mask_mod(b, h, q_idx, kv_idx)"
+        raise TypeError(
+            f"{argname} must be a {want}; {mod_name(fn)} takes {kind.value} positional arguments"
+        )
+
+
+def vmap_bhqkv(fn: Callable, kind: ModKind) -> Callable:
+    """Lift a scalar mod over (b, h, q_idx, kv_idx) axes, PyTorch's `_vmap_for_bhqkv`.
+
+    The lifted mask_mod takes b: [B], h: [H], q_idx: [Q], kv_idx: [KV] and returns
+    [B, H, Q, KV]; the lifted score_mod also takes score: [B, H, Q, KV] first.
+    Any of the four index arrays may be a 0-d scalar instead: that axis is then
+    not mapped (the kernels pass a scalar b and h and vectors for q and kv).
+    """
+    has_score = kind is ModKind.SCORE_MOD
+
+    def lifted(*args):
+        f = fn
+        idx_args = args[1:] if has_score else args
+        # Innermost vmap first: kv, then q, h, b.
+        for pos in (3, 2, 1, 0):
+            if jnp.ndim(idx_args[pos]) == 0:
+                continue
+            axes = [None] * 4
+            axes[pos] = 0
+            in_axes = ((0,) if has_score else ()) + tuple(axes)
+            f = jax.vmap(f, in_axes=in_axes)
+        return f(*args)
+
+    return lifted
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """A mask_mod that keeps every score."""
+    return jnp.ones((), dtype=jnp.bool_)
+
+
+def _check_mask_mods(mask_mods, combinator: str) -> None:
+    if not mask_mods:
+        raise TypeError(f"{combinator} needs at least one mask_mod, got none")
+    for i, m in enumerate(mask_mods):
+        check_mod_kind(m, ModKind.MASK_MOD, f"{combinator} argument {i}")
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod that keeps a score only where every given mask_mod keeps it."""
+    _check_mask_mods(mask_mods, "and_masks")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        result = jnp.ones((), dtype=jnp.bool_)
+        for m in mask_mods:
+            result = result & m(b, h, q_idx, kv_idx)
+        return result
+
+    and_mask.__qualname__ = f"and_masks({', '.join(mod_name(m) for m in mask_mods)})"
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod that keeps a score where any given mask_mod keeps it."""
+    _check_mask_mods(mask_mods, "or_masks")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        result = jnp.zeros((), dtype=jnp.bool_)
+        for m in mask_mods:
+            result = result | m(b, h, q_idx, kv_idx)
+        return result
+
+    or_mask.__qualname__ = f"or_masks({', '.join(mod_name(m) for m in mask_mods)})"
+    return or_mask
+
+
+def check_mod_output(fn: Callable, kind: ModKind, argname: str, score_dtype=jnp.float32) -> None:
+    """Trace the mod once on scalars and check it returns one value of the right dtype."""
+    i = jax.ShapeDtypeStruct((), jnp.int32)
+    args = (i, i, i, i)
+    if kind is ModKind.SCORE_MOD:
+        args = (jax.ShapeDtypeStruct((), score_dtype),) + args
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as e:
+        raise type(e)(f"{argname} {mod_name(fn)} failed on scalar inputs: {e}") from e
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"{argname} {mod_name(fn)} must return one array, got {jax.tree_util.tree_structure(out)}"
+        )
+    if out.shape != ():
+        raise ValueError(
+            f"{argname} {mod_name(fn)} must return one value per score element (shape ()), "
+            f"got shape {out.shape}; index arguments are scalars, as in PyTorch"
+        )
+    if kind is ModKind.MASK_MOD and out.dtype != jnp.bool_:
+        raise TypeError(f"{argname} {mod_name(fn)} must return bool, got {out.dtype}")
+    if kind is ModKind.SCORE_MOD and not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{argname} {mod_name(fn)} must return a float score, got {out.dtype}")

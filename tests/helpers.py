@@ -1,0 +1,53 @@
+"""Small shared helpers for the tests: random inputs and numpy views of block masks."""
+
+import jax
+import numpy as np
+
+
+def random_qkv(seed, B, Hq, L, S, E, Ev=None, Hkv=None, Bkv=None, dtype=np.float32):
+    """Fresh standard-normal q, k, v (never zeros) as jax arrays."""
+    rng = np.random.default_rng(seed)
+    Ev = E if Ev is None else Ev
+    Hkv = Hq if Hkv is None else Hkv
+    Bkv = B if Bkv is None else Bkv
+    q = rng.standard_normal((B, Hq, L, E))
+    k = rng.standard_normal((Bkv, Hkv, S, E))
+    v = rng.standard_normal((Bkv, Hkv, S, Ev))
+    return tuple(jax.numpy.asarray(x, dtype) for x in (q, k, v))
+
+
+TABLES = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
+
+def tables_np(block_mask):
+    """The eight tables of a flexjax or torch BlockMask as numpy arrays (None stays None)."""
+    out = {}
+    for name in TABLES:
+        t = getattr(block_mask, name)
+        if t is None:
+            out[name] = None
+        elif hasattr(t, "detach"):
+            out[name] = t.detach().cpu().numpy()
+        else:
+            out[name] = np.asarray(t)
+    return out
+
+
+def assert_same_tables(ours, theirs):
+    a, b = tables_np(ours), tables_np(theirs)
+    for name in TABLES:
+        if a[name] is None or b[name] is None:
+            assert a[name] is None and b[name] is None, name
+            continue
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert tuple(ours.BLOCK_SIZE) == tuple(theirs.BLOCK_SIZE)
+    assert tuple(ours.seq_lengths) == tuple(theirs.seq_lengths)
