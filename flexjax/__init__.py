@@ -1,5 +1,6 @@
 """flexjax: FlexAttention for JAX (PyTorch's API, Pallas kernels)."""
 
+from flexjax.api import flex_attention
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from flexjax.mask_builders import create_block_mask, create_mask
 from flexjax.mod_utils import and_masks, noop_mask, or_masks
@@ -10,6 +11,7 @@ __all__ = [
     "and_masks",
     "create_block_mask",
     "create_mask",
+    "flex_attention",
     "noop_mask",
     "or_masks",
 ]

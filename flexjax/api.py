@@ -1,0 +1,134 @@
+"""flex_attention: validate, canonicalise (scale, GQA, padding), dispatch to the kernels.
+
+The kernels take plain padded arrays, block tables and a frozen config; this
+module turns the public call (PyTorch's signature) into that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from flexjax.block_mask import BlockMask
+from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
+from flexjax.mod_utils import noop_mask
+from pallas_kernels.configs import default_interpret, fwd_config
+from pallas_kernels.flex_fwd_triton import FwdStatic, flex_fwd
+from pallas_kernels.mod_tracer import trace_mod
+
+__all__ = ["flex_attention"]
+
+# Sparse block size used when no BlockMask is given (every block is full).
+_NO_MASK_BLOCK = 128
+
+
+def _pad_axis(x, axis: int, size: int):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _head_dim_padded(d: int) -> int:
+    """Head dims go to a power of 2 >= 16 (tensor-core tiles); zero padding is exact."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _full_tables(L: int, S: int, q_bs: int, kv_bs: int):
+    R, C = -(-L // q_bs), -(-S // kv_bs)
+    zeros_num = jnp.zeros((1, 1, R), jnp.int32)
+    zeros_idx = jnp.zeros((1, 1, R, 1), jnp.int32)
+    full_num = jnp.full((1, 1, R), C, jnp.int32)
+    full_idx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, 1, R, C))
+    return (zeros_num, zeros_idx, full_num, full_idx), R, C
+
+
+def flex_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    score_mod: Callable | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict | None = None,
+):
+    """Block-sparse attention with user mods, on Pallas kernels.
+
+    query: [B, Hq, L, E]; key: [B or 1, Hkv, S, E]; value: [B or 1, Hkv, S, Ev].
+    score_mod(score, b, h, q_idx, kv_idx) -> score, applied (after `scale`) to
+    every kept element; block_mask decides which elements are kept (its
+    mask_mod runs only in partial blocks). Returns out [B, Hq, L, Ev] in
+    query's dtype, and with return_lse also lse [B, Hq, L] float32 (natural
+    log; -inf for a row that keeps nothing, whose out is 0).
+
+    kernel_options: block_m, block_n (compute tiles, powers of 2 dividing the
+    BlockMask's block size), num_warps, num_stages, interpret (default: True
+    when there is no GPU).
+    """
+    shape = check_qkv(query, key, value, enable_gqa)
+    scale = check_scale(scale, shape.E)
+    check_score_mod(score_mod, query.dtype)
+    check_block_mask(block_mask, shape)
+    options = dict(kernel_options or {})
+    interpret = bool(options.pop("interpret", default_interpret()))
+    L, S = shape.L, shape.S
+
+    if block_mask is None:
+        q_bs = kv_bs = _NO_MASK_BLOCK
+        tables, R, C = _full_tables(L, S, q_bs, kv_bs)
+        has_partial, has_full, mask_mod = False, True, None
+        mask_b_bcast = mask_h_bcast = True
+    else:
+        q_bs, kv_bs = block_mask.BLOCK_SIZE
+        C = block_mask.kv_indices.shape[-1]
+        has_full = block_mask.full_kv_num_blocks is not None
+        full = (
+            (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+            if has_full
+            else (jnp.zeros_like(block_mask.kv_num_blocks), block_mask.kv_indices[..., :1])
+        )
+        tables = (block_mask.kv_num_blocks, block_mask.kv_indices, *full)
+        tables = tuple(t.astype(jnp.int32) for t in tables)
+        has_partial = True
+        mask_mod = None if block_mask.mask_mod is noop_mask else block_mask.mask_mod
+        mask_b_bcast = block_mask.kv_num_blocks.shape[0] == 1
+        mask_h_bcast = block_mask.kv_num_blocks.shape[1] == 1
+
+    cfg = fwd_config(
+        head_dim=max(shape.E, shape.Ev),
+        q_len=L,
+        q_block_size=q_bs,
+        kv_block_size=kv_bs,
+        interpret=interpret,
+        options=options,
+    )
+    score_prog, score_consts = (None, [])
+    if score_mod is not None:
+        score_prog, score_consts = trace_mod(score_mod, is_score_mod=True)
+    mask_prog, mask_consts = (None, [])
+    if mask_mod is not None:
+        mask_prog, mask_consts = trace_mod(mask_mod, is_score_mod=False)
+
+    st = FwdStatic(
+        L=L, S=S, Hq=shape.Hq, group_size=shape.group_size,
+        kv_batch_broadcast=shape.Bkv == 1 and shape.B > 1,
+        mask_batch_broadcast=mask_b_bcast, mask_head_broadcast=mask_h_bcast,
+        q_block_size=q_bs, kv_block_size=kv_bs, scale=scale,
+        score_mod=score_prog, mask_mod=mask_prog,
+        has_partial=has_partial, has_full=has_full, interpret=interpret,
+    )  # fmt: skip
+    Lp = -(-L // cfg.block_m) * cfg.block_m
+    Ep, Evp = _head_dim_padded(shape.E), _head_dim_padded(shape.Ev)
+    q = _pad_axis(_pad_axis(query, 2, Lp), 3, Ep)
+    k = _pad_axis(_pad_axis(key, 2, C * kv_bs), 3, Ep)
+    v = _pad_axis(_pad_axis(value, 2, C * kv_bs), 3, Evp)
+    out, lse = flex_fwd(q, k, v, tables, score_consts, mask_consts, st=st, cfg=cfg)
+    out = out[:, :, :L, : shape.Ev]
+    if return_lse:
+        return out, lse[:, :, :L]
+    return out

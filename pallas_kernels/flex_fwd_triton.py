@@ -1,0 +1,244 @@
+"""Block-sparse flex_attention forward, Pallas on GPU with the Triton lowering.
+
+One program per (q tile, batch, query head). It walks the BlockMask row of
+its q tile twice: first the *partial* kv blocks (`kv_num_blocks`,
+`kv_indices`), where it applies score_mod and then mask_mod element by element;
+then the *full* blocks, where every element is kept, so mask_mod is skipped
+(that is the whole point of separating them). Empty blocks are never listed,
+so they cost nothing.
+
+Softmax is online, in float32 and base 2: for each kv tile
+    s      = scale * q k^T, then score_mod, then -inf where masked
+    m_new  = max(m, rowmax(s))
+    p      = 2^((s - m_new) log2 e),  alpha = 2^((m - m_new) log2 e)
+    l      = alpha l + rowsum(p),      acc = alpha acc + p v
+and at the end out = acc / l, lse = m + ln l. A row that has seen nothing but
+-inf keeps m = -inf; we subtract 0 instead there so exp gives exact zeros, and
+the row ends with out = 0 and lse = -inf, never NaN.
+
+Kernels take plain arrays and a frozen config, never a BlockMask. Padding:
+q rows to a multiple of the q tile, k/v rows to the BlockMask's kv extent;
+padded kv columns are masked, and mods only ever see in-range indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.mod_tracer import ModProgram, eval_mod
+
+__all__ = ["FwdConfig", "flex_fwd"]
+
+# The score of a masked element. -inf (not a large negative number) so that a
+# masked element contributes exactly 0 and a fully masked row is detectable.
+MASKED_SCORE = float("-inf")
+LOG2E = math.log2(math.e)
+
+# Counts traces of the kernel body: tests use it to show that new captured
+# values do not retrace or recompile.
+TRACE_COUNT = {"fwd": 0}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FwdConfig:
+    """Compute tiles and launch parameters (separate from the BlockMask's block size)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of 2")
+        if self.num_warps <= 0 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps={self.num_warps} must be a power of 2")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FwdStatic:
+    """Everything static about one call: sizes, block structure, mods."""
+
+    L: int  # true query length
+    S: int  # true key length
+    Hq: int
+    group_size: int  # Hq // Hkv
+    kv_batch_broadcast: bool
+    mask_batch_broadcast: bool
+    mask_head_broadcast: bool
+    q_block_size: int  # the BlockMask's sparse block sizes
+    kv_block_size: int
+    scale: float
+    score_mod: ModProgram | None
+    mask_mod: ModProgram | None
+    has_partial: bool
+    has_full: bool
+    interpret: bool
+
+
+def _div(x, n: int):
+    """x // n for a traced int32 and a static n (Triton's lowering mistypes a literal 1)."""
+    return x if n == 1 else x // jnp.int32(n)
+
+
+def _rem(x, n: int):
+    return jnp.zeros_like(x) if n == 1 else x % jnp.int32(n)
+
+
+def _tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked):
+    """One kv tile of the online softmax. masked: apply mask_mod (partial block)."""
+    acc, m_i, l_i = carry
+    # float32 inputs get float32 products (Triton's default for them is tf32).
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * st.scale
+    kv_idx = start_n + lax.broadcasted_iota(jnp.int32, (1, cfg.block_n), 1)
+    # Mods see in-range indices only (padding rows/columns are clamped, then dropped).
+    q_in = jnp.minimum(q_idx, st.L - 1)
+    kv_in = jnp.minimum(kv_idx, st.S - 1)
+    if st.score_mod is not None:
+        s = eval_mod(
+            st.score_mod, score_refs, (s, b, h, q_in, kv_in), s.shape, not st.interpret
+        ).astype(jnp.float32)
+    keep = None
+    if masked and st.mask_mod is not None:
+        keep = eval_mod(st.mask_mod, mask_refs, (b, h, q_in, kv_in), s.shape, not st.interpret)
+    needs_bound = masked or (st.S % st.kv_block_size != 0)
+    if needs_bound:
+        in_range = jnp.broadcast_to(kv_idx < st.S, s.shape)
+        keep = in_range if keep is None else keep & in_range
+    if keep is not None:
+        s = jnp.where(keep, s, MASKED_SCORE)
+
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == MASKED_SCORE, 0.0, m_new)
+    p = jnp.exp2((s - m_safe[:, None]) * LOG2E)
+    alpha = jnp.exp2((m_i - m_safe) * LOG2E)
+    l_new = alpha * l_i + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l_new
+
+
+def _fwd_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    kv_num_ref,
+    kv_idx_ref,
+    full_num_ref,
+    full_idx_ref,
+    *rest,
+    st: FwdStatic,
+    cfg: FwdConfig,
+    n_score: int,
+    n_mask: int,
+):
+    TRACE_COUNT["fwd"] += 1
+    score_refs = rest[:n_score]
+    mask_refs = rest[n_score : n_score + n_mask]
+    o_ref, lse_ref = rest[n_score + n_mask :]
+
+    tile = pl.program_id(0)
+    b = pl.program_id(1)
+    h = pl.program_id(2)
+    bm = 0 if st.mask_batch_broadcast else b
+    hm = 0 if st.mask_head_broadcast else h
+    row = _div(tile, st.q_block_size // cfg.block_m)
+    q_idx = tile * cfg.block_m + lax.broadcasted_iota(jnp.int32, (cfg.block_m, 1), 0)
+
+    q = q_ref[...]
+    e_v = v_ref.shape[-1]
+    carry = (
+        jnp.zeros((cfg.block_m, e_v), jnp.float32),
+        jnp.full((cfg.block_m,), MASKED_SCORE, jnp.float32),
+        jnp.zeros((cfg.block_m,), jnp.float32),
+    )
+    tiles_per_block = st.kv_block_size // cfg.block_n
+
+    def walk(num_ref, idx_ref, masked, carry):
+        n_blocks = num_ref[bm, hm, row]
+
+        def body(it, carry):
+            j = _div(it, tiles_per_block)
+            sub = _rem(it, tiles_per_block)
+            block = idx_ref[bm, hm, row, j]
+            start_n = block * st.kv_block_size + sub * cfg.block_n
+            k = k_ref[pl.ds(start_n, cfg.block_n), :]
+            v = v_ref[pl.ds(start_n, cfg.block_n), :]
+            return _tile_step(
+                q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked
+            )
+
+        return lax.fori_loop(0, n_blocks * tiles_per_block, body, carry)
+
+    if st.has_partial:
+        carry = walk(kv_num_ref, kv_idx_ref, True, carry)
+    if st.has_full:
+        carry = walk(full_num_ref, full_idx_ref, False, carry)
+    acc, m_i, l_i = carry
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    m_safe = jnp.where(m_i == MASKED_SCORE, 0.0, m_i)
+    lse_ref[...] = jnp.where(empty, MASKED_SCORE, m_safe + jnp.log(l_safe))
+
+
+@functools.partial(jax.jit, static_argnames=("st", "cfg"))
+def flex_fwd(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cfg: FwdConfig):
+    """q [B, Hq, Lp, E], k [Bkv, Hkv, Sp, E], v [Bkv, Hkv, Sp, Ev] (padded as the module says).
+
+    tables: (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices),
+    each [Bm, Hm, R(, C)] int32. Returns out [B, Hq, Lp, Ev] and lse [B, Hq, Lp] f32.
+    """
+    B, Hq, Lp, E = q.shape
+    Sp, Ev = v.shape[2], v.shape[3]
+    n_tiles = Lp // cfg.block_m
+    G = st.group_size
+
+    def kv_map(tile, b, h):
+        return (0 if st.kv_batch_broadcast else b, _div(h, G), 0, 0)
+
+    whole = lambda x: pl.BlockSpec(x.shape, lambda tile, b, h, n=x.ndim: (0,) * n)
+    in_specs = [
+        pl.BlockSpec((None, None, cfg.block_m, E), lambda tile, b, h: (b, h, tile, 0)),
+        pl.BlockSpec((None, None, Sp, E), kv_map),
+        pl.BlockSpec((None, None, Sp, Ev), kv_map),
+        *[whole(t) for t in tables],
+        *[whole(c) for c in score_consts],
+        *[whole(c) for c in mask_consts],
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, cfg.block_m, Ev), lambda tile, b, h: (b, h, tile, 0)),
+        pl.BlockSpec((None, None, cfg.block_m), lambda tile, b, h: (b, h, tile)),
+    ]
+    kernel = functools.partial(
+        _fwd_kernel, st=st, cfg=cfg, n_score=len(score_consts), n_mask=len(mask_consts)
+    )
+    compiler_params = None
+    if not st.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return pl.pallas_call(
+        kernel,
+        grid=(n_tiles, B, Hq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[
+            jax.ShapeDtypeStruct((B, Hq, Lp, Ev), q.dtype),
+            jax.ShapeDtypeStruct((B, Hq, Lp), jnp.float32),
+        ],
+        compiler_params=compiler_params,
+        interpret=st.interpret,
+        name="flex_fwd",
+    )(q, k, v, *tables, *score_consts, *mask_consts)

@@ -1,0 +1,343 @@
+"""Run a user's score_mod / mask_mod inside a Pallas kernel.
+
+Pallas refuses kernels that close over arrays, and a mod usually does
+(`document_id[q_idx]`, `alibi[h]`, `intervals[image_idx][0]`). So:
+
+1. `trace_mod` traces the mod once on *scalar* int32 indices (its PyTorch
+   semantics) into a jaxpr. Every captured non-scalar array becomes a const of
+   that jaxpr; they are *hoisted*: flattened to 1-D and passed to the kernel as
+   extra inputs. Captured scalars are baked in as literals. The jaxpr without
+   its consts is a hashable `ModProgram`: two mods with the same code and
+   const shapes share one compiled kernel, whatever the captured values.
+
+2. `eval_mod` evaluates that scalar jaxpr inside the kernel, with every scalar
+   standing for a whole tile: b and h are scalars, q_idx is [BM, 1], kv_idx is
+   [1, BN], the score [BM, BN]. Elementwise ops broadcast tiles; a small
+   non-scalar value (a gather index vector, a row such as `intervals[i]`) is a
+   numpy object array of tiles, handled by static structural ops; indexing a
+   hoisted array becomes a gather load from its ref at flat indices.
+
+Only what a mod can express per score element is supported; anything else
+raises `ModTraceError` naming the mod and the operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from pallas_kernels.approx_math import tanh_approx_p
+
+__all__ = ["ModProgram", "ModTraceError", "eval_mod", "trace_mod"]
+
+
+class ModTraceError(TypeError):
+    """A mod uses something the kernels cannot evaluate per tile."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModProgram:
+    """A mod's jaxpr with its captured arrays removed (they are kernel inputs).
+
+    Equality and hashing use the printed jaxpr and the const avals, so it can
+    be a static argument of jax.jit: same code, new captured values -> cache hit.
+    """
+
+    name: str
+    is_score_mod: bool
+    jaxpr: jex_core.Jaxpr
+    # One per constvar: ("literal", value) baked in, or ("hoisted", k): kernel input k.
+    const_slots: tuple
+    const_shapes: tuple[tuple[int, ...], ...]
+    const_dtypes: tuple[str, ...]
+    key: str
+
+    def __eq__(self, other):
+        return isinstance(other, ModProgram) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+
+def _mod_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Array]]:
+    """Trace `fn` on scalars; return its program and its hoisted arrays (flattened to 1-D)."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    args = (i32,) * 4
+    if is_score_mod:
+        args = (jax.ShapeDtypeStruct((), jnp.float32),) + args
+    closed = jax.make_jaxpr(fn)(*args)
+    hoisted, slots = [], []
+    for val in closed.consts:
+        if np.ndim(val) == 0 and not isinstance(val, jax.core.Tracer):
+            slots.append(("literal", np.asarray(val)))  # captured scalars are baked in
+        else:
+            slots.append(("hoisted", len(hoisted)))
+            hoisted.append(jnp.asarray(val))
+    shapes = tuple(tuple(c.shape) for c in hoisted)
+    dtypes = tuple(str(c.dtype) for c in hoisted)
+    literals = ";".join(f"{v.dtype}:{v.tolist()}" for kind, v in slots if kind == "literal")
+    key = f"{is_score_mod}|{shapes}|{dtypes}|{literals}|{closed.jaxpr}"
+    program = ModProgram(
+        _mod_name(fn), is_score_mod, closed.jaxpr, tuple(slots), shapes, dtypes, key
+    )
+    return program, [c.reshape(-1) for c in hoisted]
+
+
+# --------------------------------------------------------------------------
+# Evaluation inside a kernel.
+# --------------------------------------------------------------------------
+
+_ELEMENTWISE = {
+    "abs", "add", "and", "atan2", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
+    "cos", "div", "eq", "erf", "exp", "exp2", "floor", "ge", "gt", "integer_pow", "is_finite",
+    "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter",
+    "not", "or", "pow", "rem", "round", "rsqrt", "select_n", "shift_left",
+    "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sqrt", "square", "sub",
+    "tan", "tanh", "xor",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hoisted:
+    """A hoisted captured array: its flat ref and its original shape."""
+
+    ref: object
+    shape: tuple[int, ...]
+
+
+def _as_obj(x) -> np.ndarray:
+    """A value as a numpy object array of tiles (shape = the jaxpr value's shape)."""
+    if isinstance(x, np.ndarray) and x.dtype == object:
+        return x
+    out = np.empty((), dtype=object)
+    out[()] = x
+    return out
+
+
+def _broadcast_tiles(vals):
+    shapes = [jnp.shape(v) for v in vals]
+    target = np.broadcast_shapes(*shapes)
+    return [v if jnp.shape(v) == target else jnp.broadcast_to(v, target) for v in vals]
+
+
+class _Evaluator:
+    def __init__(self, program: ModProgram, on_gpu: bool):
+        self.program = program
+        self.on_gpu = on_gpu
+
+    def fail(self, what: str):
+        kind = "score_mod" if self.program.is_score_mod else "mask_mod"
+        raise ModTraceError(
+            f"{kind} {self.program.name}: {what} cannot be evaluated inside the kernel. "
+            "Mods may index captured arrays with index expressions and use elementwise math."
+        )
+
+    # -- elementwise -------------------------------------------------------
+    def bind_elementwise(self, prim, invals, params):
+        objs = [_as_obj(v) for v in invals]
+        shape = np.broadcast_shapes(*[o.shape for o in objs])
+        objs = [np.broadcast_to(o, shape) for o in objs]
+        out = np.empty(shape, dtype=object)
+        for pos in np.ndindex(*shape):
+            tiles = [o[pos] for o in objs]
+            tiles = [
+                t if not isinstance(t, int | float | bool | np.generic) else jnp.asarray(t)
+                for t in tiles
+            ]
+            if prim is tanh_approx_p:
+                out[pos] = self.tanh_approx(tiles[0])
+                continue
+            out[pos] = prim.bind(*_broadcast_tiles(tiles), **params)
+        return out if shape else out[()]
+
+    def tanh_approx(self, x):
+        if self.on_gpu:
+            from jax.experimental.pallas import triton as plgpu
+
+            return plgpu.approx_tanh(x.astype(jnp.float32)).astype(x.dtype)
+        return jnp.tanh(x)
+
+    # -- loads from hoisted arrays -----------------------------------------
+    def load(self, hoisted: _Hoisted, index_per_dim):
+        """Gather hoisted[index...] for one element; indices are tiles or ints (clamped)."""
+        flat = 0
+        stride = 1
+        for d in reversed(range(len(hoisted.shape))):
+            idx = index_per_dim[d]
+            n = hoisted.shape[d]
+            if isinstance(idx, int | np.integer):
+                idx = min(max(int(idx), 0), n - 1)
+            else:
+                idx = jnp.clip(idx.astype(jnp.int32), 0, n - 1)
+            flat = flat + idx * stride
+            stride *= n
+        if isinstance(flat, int):
+            flat = jnp.int32(flat)
+        return hoisted.ref[flat]
+
+    # -- structural ops on (small) object arrays ---------------------------
+    def structural(self, eqn, invals):
+        name = eqn.primitive.name
+        p = eqn.params
+        if name in ("gather", "dynamic_slice") and isinstance(invals[0], _Hoisted):
+            return self.gather_hoisted(eqn, invals)
+        if any(isinstance(v, _Hoisted) for v in invals):
+            self.fail(f"using a captured array whole in `{name}`")
+        objs = [_as_obj(v) for v in invals]
+        if name == "broadcast_in_dim":
+            x = objs[0]
+            shape = p["shape"]
+            expanded = np.empty([1] * len(shape), dtype=object) if x.ndim == 0 else None
+            if x.ndim == 0:
+                expanded[...] = x[()]
+            else:
+                src_shape = [1] * len(shape)
+                for i, d in enumerate(p["broadcast_dimensions"]):
+                    src_shape[d] = x.shape[i]
+                expanded = x.reshape(src_shape)
+            return np.broadcast_to(expanded, shape).copy()
+        if name in ("reshape",):
+            return objs[0].reshape(p["new_sizes"])
+        if name == "squeeze":
+            return np.squeeze(objs[0], axis=tuple(p["dimensions"]))
+        if name == "expand_dims":
+            return np.expand_dims(objs[0], p["dimensions"])
+        if name == "concatenate":
+            return np.concatenate([o if o.ndim else o.reshape(1) for o in objs], p["dimension"])
+        if name == "slice":
+            strides = p["strides"] or (1,) * objs[0].ndim
+            sl = tuple(
+                slice(s, e, st)
+                for s, e, st in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+            )
+            return objs[0][sl]
+        if name == "transpose":
+            return np.transpose(objs[0], p["permutation"])
+        if name == "iota":
+            out = np.empty(p["shape"], dtype=object)
+            for pos in np.ndindex(*p["shape"]):
+                out[pos] = jnp.asarray(pos[p["dimension"]], p["dtype"])
+            return out
+        self.fail(f"the operation `{name}` on non-scalar values")
+
+    def gather_hoisted(self, eqn, invals):
+        hoisted = invals[0]
+        out_shape = eqn.outvars[0].aval.shape
+        out = np.empty(out_shape, dtype=object)
+        n_dims = len(hoisted.shape)
+        if eqn.primitive.name == "dynamic_slice":
+            starts = [_as_obj(v)[()] for v in invals[1:]]
+            sizes = eqn.params["slice_sizes"]
+            for pos in np.ndindex(*out_shape):
+                idx = []
+                for d in range(n_dims):
+                    start = self.clamp_start(starts[d], hoisted.shape[d] - sizes[d])
+                    idx.append(start + pos[d] if pos[d] else start)
+                out[pos] = self.load(hoisted, idx)
+            return out if out_shape else out[()]
+        dn = eqn.params["dimension_numbers"]
+        if dn.operand_batching_dims:
+            self.fail("a batched gather")
+        sizes = eqn.params["slice_sizes"]
+        indices = _as_obj(invals[1])
+        offset_dims = tuple(dn.offset_dims)
+        batch_out_dims = [d for d in range(len(out_shape)) if d not in offset_dims]
+        window_operand_dims = [d for d in range(n_dims) if d not in dn.collapsed_slice_dims]
+        for pos in np.ndindex(*out_shape):
+            batch_pos = tuple(pos[d] for d in batch_out_dims)
+            start_vec = indices[batch_pos] if indices.ndim else indices[()]
+            start_vec = _as_obj(start_vec)
+            starts = [0] * n_dims
+            for k, od in enumerate(dn.start_index_map):
+                starts[od] = self.clamp_start(
+                    start_vec.reshape(-1)[k], hoisted.shape[od] - sizes[od]
+                )
+            offsets = [0] * n_dims
+            for k, od in enumerate(window_operand_dims):
+                offsets[od] = pos[offset_dims[k]]
+            idx = [s + o if o else s for s, o in zip(starts, offsets, strict=True)]
+            out[pos] = self.load(hoisted, idx)
+        return out if out_shape else out[()]
+
+    @staticmethod
+    def clamp_start(start, hi):
+        if isinstance(start, int | np.integer):
+            return min(max(int(start), 0), hi)
+        return jnp.clip(start.astype(jnp.int32), 0, hi)
+
+    # -- the walk ------------------------------------------------------------
+    def run(self, jaxpr, consts, args):
+        env = {}
+
+        def read(v):
+            if isinstance(v, jex_core.Literal):
+                return v.val
+            return env[v]
+
+        for var, val in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = val
+        for var, val in zip(jaxpr.invars, args, strict=True):
+            env[var] = val
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            outs = self.eqn(eqn, invals)
+            for var, val in zip(eqn.outvars, outs, strict=True):
+                env[var] = val
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, invals):
+        prim = eqn.primitive
+        name = prim.name
+        if name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"):
+            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            if hasattr(inner, "jaxpr"):
+                return self.run(inner.jaxpr, inner.consts, invals)
+            return self.run(inner, [], invals)
+        if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+            inner = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+            n = len(inner.jaxpr.invars)
+            return self.run(inner.jaxpr, inner.consts, invals[-n:])
+        if any(isinstance(v, _Hoisted) for v in invals):
+            return [self.structural(eqn, invals)]
+        # Elementwise ops, and any single-result op on scalars, act on tiles directly.
+        all_scalar = all(v.aval.shape == () for v in (*eqn.invars, *eqn.outvars))
+        if (
+            name in _ELEMENTWISE
+            or prim is tanh_approx_p
+            or (all_scalar and not prim.multiple_results)
+        ):
+            return [self.bind_elementwise(prim, invals, eqn.params)]
+        return [self.structural(eqn, invals)]
+
+
+def eval_mod(
+    program: ModProgram,
+    hoisted_refs: Sequence,
+    args: Sequence,
+    out_shape: tuple[int, int],
+    on_gpu: bool,
+):
+    """Evaluate `program` in a kernel; args are (score?, b, h, q_idx, kv_idx) tiles.
+
+    Returns one [BM, BN] tile (bool for a mask_mod, float32 for a score_mod).
+    """
+    consts = []
+    for kind, val in program.const_slots:
+        if kind == "literal":
+            consts.append(val[()])
+        else:
+            consts.append(_Hoisted(hoisted_refs[val], program.const_shapes[val]))
+    (out,) = _Evaluator(program, on_gpu).run(program.jaxpr, consts, list(args))
+    if isinstance(out, np.ndarray):
+        out = out[()]
+    out = jnp.asarray(out)
+    return jnp.broadcast_to(out, out_shape) if out.shape != out_shape else out
