@@ -50,6 +50,7 @@ def check_qkv(query, key, value, enable_gqa: bool) -> AttentionShape:
             "query, key and value must share one dtype, got "
             f"{query.dtype}, {key.dtype} and {value.dtype}"
         )
+    _check_same_device(query, key, value)
     B, Hq, L, E = query.shape
     Bkv, Hkv, S, Ek = key.shape
     Bv, Hv, Sv, Ev = value.shape
@@ -76,6 +77,18 @@ def check_qkv(query, key, value, enable_gqa: bool) -> AttentionShape:
                 f"with enable_gqa, query heads ({Hq}) must be a multiple of key/value heads ({Hkv})"
             )
     return AttentionShape(B=B, Hq=Hq, L=L, E=E, Bkv=Bkv, Hkv=Hkv, S=S, Ev=Ev)
+
+
+def _check_same_device(*arrays) -> None:
+    """Concrete arrays must live on one device set (tracers are placed by the caller's jit)."""
+    placed = [x for x in arrays if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+    devices = [frozenset(x.devices()) for x in placed]
+    if len(set(devices)) > 1:
+        names = ", ".join(
+            f"{n} on {sorted(str(d) for d in ds)}"
+            for n, ds in zip(("query", "key", "value"), devices, strict=False)
+        )
+        raise ValueError(f"query, key and value must be on the same device(s), got {names}")
 
 
 def check_scale(scale, E: int) -> float:

@@ -5,6 +5,10 @@ seed's sizes, checked against the float32 reference on a few (batch, head)
 slices (the whole reference would need 64 GiB of scores).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +241,28 @@ def test_dtypes_and_head_dims_on_gpu(dtype, head_dim):
         q, k, v, block_mask=bm, enable_gqa=True, score_mod=softcap
     )
     assert_close(out, lse, ref_out, ref_lse, dtype, gpu=True)
+
+
+def test_mixed_devices_are_refused():
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from flexjax import flex_attention\n"
+        "d0, d1 = jax.devices()[:2]\n"
+        "q = jax.device_put(jnp.ones((1, 1, 16, 16)), d0)\n"
+        "k = jax.device_put(jnp.ones((1, 1, 16, 16)), d1)\n"
+        "try:\n"
+        "    flex_attention(q, k, k)\n"
+        "except ValueError as e:\n"
+        "    assert 'same device' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('mixed devices were accepted')\n"
+    )
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
