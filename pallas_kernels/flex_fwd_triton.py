@@ -125,7 +125,8 @@ def _tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_r
     p = jnp.exp2((s - m_safe[:, None]) * LOG2E)
     alpha = jnp.exp2((m_i - m_safe) * LOG2E)
     l_new = alpha * l_i + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_new
 
 
