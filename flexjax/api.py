@@ -43,7 +43,7 @@ def _full_tables(L: int, S: int, q_bs: int, kv_bs: int):
     zeros_idx = jnp.zeros((1, 1, R, 1), jnp.int32)
     full_num = jnp.full((1, 1, R), C, jnp.int32)
     full_idx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, 1, R, C))
-    return (zeros_num, zeros_idx, full_num, full_idx), R, C
+    return (zeros_num, zeros_idx, full_num, full_idx), C
 
 
 def flex_attention(
@@ -80,7 +80,7 @@ def flex_attention(
 
     if block_mask is None:
         q_bs = kv_bs = _NO_MASK_BLOCK
-        tables, R, C = _full_tables(L, S, q_bs, kv_bs)
+        tables, C = _full_tables(L, S, q_bs, kv_bs)
         has_partial, has_full, mask_mod = False, True, None
         mask_b_bcast = mask_h_bcast = True
     else:

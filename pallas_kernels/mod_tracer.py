@@ -97,7 +97,7 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
 # --------------------------------------------------------------------------
 
 _ELEMENTWISE = {
-    "abs", "add", "and", "atan2", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
+    "abs", "add", "and", "atan2", "ceil", "clamp", "convert_element_type", "copy",
     "cos", "div", "eq", "erf", "exp", "exp2", "floor", "ge", "gt", "integer_pow", "is_finite",
     "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter",
     "not", "or", "pow", "rem", "round", "rsqrt", "select_n", "shift_left",
@@ -194,17 +194,11 @@ class _Evaluator:
             self.fail(f"using a captured array whole in `{name}`")
         objs = [_as_obj(v) for v in invals]
         if name == "broadcast_in_dim":
-            x = objs[0]
-            shape = p["shape"]
-            expanded = np.empty([1] * len(shape), dtype=object) if x.ndim == 0 else None
-            if x.ndim == 0:
-                expanded[...] = x[()]
-            else:
-                src_shape = [1] * len(shape)
-                for i, d in enumerate(p["broadcast_dimensions"]):
-                    src_shape[d] = x.shape[i]
-                expanded = x.reshape(src_shape)
-            return np.broadcast_to(expanded, shape).copy()
+            x, shape = objs[0], p["shape"]
+            src_shape = [1] * len(shape)
+            for i, d in enumerate(p["broadcast_dimensions"]):
+                src_shape[d] = x.shape[i]
+            return np.broadcast_to(x.reshape(src_shape), shape).copy()
         if name in ("reshape",):
             return objs[0].reshape(p["new_sizes"])
         if name == "squeeze":
