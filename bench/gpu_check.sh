@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: versions, the GPU test suite, and the gym at the seed's sizes.
+# Versions, then the GPU tests (all of them take about 25 minutes on an H100: more than
+# one 10-minute device call, so pass a -k expression to split them).
 # Usage on the GPU machine: bash bench/gpu_check.sh [pytest -k expression]
 set -uo pipefail
 OUT=${OUT:-/tmp/flexjax_out}; mkdir -p "$OUT"

@@ -11,11 +11,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from flexjax.block_mask import BlockMask
+from flexjax.block_mask import BlockMask, transpose_ordered
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
 from flexjax.mod_utils import noop_mask
-from pallas_kernels.configs import default_interpret, fwd_config
-from pallas_kernels.flex_fwd_triton import FwdStatic, flex_fwd
+from pallas_kernels.configs import bwd_config, default_interpret, fwd_config
+from pallas_kernels.flex_core import attention_fn
+from pallas_kernels.flex_fwd_triton import FwdStatic
 from pallas_kernels.mod_tracer import trace_mod
 
 __all__ = ["flex_attention"]
@@ -38,12 +39,40 @@ def _head_dim_padded(d: int) -> int:
 
 
 def _full_tables(L: int, S: int, q_bs: int, kv_bs: int):
+    """The eight tables of a mask where every block is full (block_mask=None)."""
     R, C = -(-L // q_bs), -(-S // kv_bs)
-    zeros_num = jnp.zeros((1, 1, R), jnp.int32)
-    zeros_idx = jnp.zeros((1, 1, R, 1), jnp.int32)
-    full_num = jnp.full((1, 1, R), C, jnp.int32)
-    full_idx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (1, 1, R, C))
-    return (zeros_num, zeros_idx, full_num, full_idx), C
+
+    def rows_of(n_rows, n_cols):
+        zeros_num = jnp.zeros((1, 1, n_rows), jnp.int32)
+        zeros_idx = jnp.zeros((1, 1, n_rows, 1), jnp.int32)
+        full_num = jnp.full((1, 1, n_rows), n_cols, jnp.int32)
+        full_idx = jnp.broadcast_to(jnp.arange(n_cols, dtype=jnp.int32), (1, 1, n_rows, n_cols))
+        return (zeros_num, zeros_idx, full_num, full_idx)
+
+    return (*rows_of(R, C), *rows_of(C, R)), C
+
+
+def _block_mask_tables(block_mask: BlockMask):
+    """The eight tables as int32 (kv rows, full kv rows, q columns, full q columns).
+
+    Missing full tables become empty ones; missing q tables (a BlockMask built
+    with compute_q_blocks=False) are derived here, as the backward needs them.
+    """
+    kv = (block_mask.kv_num_blocks, block_mask.kv_indices)
+    if block_mask.full_kv_num_blocks is not None:
+        full_kv = (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    else:
+        full_kv = (jnp.zeros_like(kv[0]), kv[1][..., :1])
+    q = (block_mask.q_num_blocks, block_mask.q_indices)
+    if q[0] is None:
+        q = transpose_ordered(*kv)
+    if block_mask.full_kv_num_blocks is None:
+        full_q = (jnp.zeros_like(q[0]), q[1][..., :1])
+    elif block_mask.full_q_num_blocks is not None:
+        full_q = (block_mask.full_q_num_blocks, block_mask.full_q_indices)
+    else:
+        full_q = transpose_ordered(*full_kv)
+    return tuple(t.astype(jnp.int32) for t in (*kv, *full_kv, *q, *full_q))
 
 
 def flex_attention(
@@ -66,9 +95,16 @@ def flex_attention(
     query's dtype, and with return_lse also lse [B, Hq, L] float32 (natural
     log; -inf for a row that keeps nothing, whose out is 0).
 
+    Differentiable (`jax.grad`, `jax.vjp`, under `jax.jit` and `jax.vmap`):
+    the backward runs a dq kernel and a dk/dv kernel over the same block
+    tables. Captured float arrays of score_mod (learnable biases) get
+    gradients too; on the GPU those are accumulated with atomic adds, so they
+    are not bitwise reproducible (dq, dk and dv are).
+
     kernel_options: block_m, block_n (compute tiles, powers of 2 dividing the
-    BlockMask's block size), num_warps, num_stages, interpret (default: True
-    when there is no GPU).
+    BlockMask's block size), num_warps, num_stages; the same for the backward
+    kernels as bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages;
+    interpret (default: True when there is no GPU).
     """
     shape = check_qkv(query, key, value, enable_gqa)
     scale = check_scale(scale, shape.E)
@@ -87,26 +123,15 @@ def flex_attention(
         q_bs, kv_bs = block_mask.BLOCK_SIZE
         C = block_mask.kv_indices.shape[-1]
         has_full = block_mask.full_kv_num_blocks is not None
-        full = (
-            (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-            if has_full
-            else (jnp.zeros_like(block_mask.kv_num_blocks), block_mask.kv_indices[..., :1])
-        )
-        tables = (block_mask.kv_num_blocks, block_mask.kv_indices, *full)
-        tables = tuple(t.astype(jnp.int32) for t in tables)
+        tables = _block_mask_tables(block_mask)
         has_partial = True
         mask_mod = None if block_mask.mask_mod is noop_mask else block_mask.mask_mod
         mask_b_bcast = block_mask.kv_num_blocks.shape[0] == 1
         mask_h_bcast = block_mask.kv_num_blocks.shape[1] == 1
 
-    cfg = fwd_config(
-        head_dim=max(shape.E, shape.Ev),
-        q_len=L,
-        q_block_size=q_bs,
-        kv_block_size=kv_bs,
-        interpret=interpret,
-        options=options,
-    )
+    sizes = dict(head_dim=max(shape.E, shape.Ev), q_block_size=q_bs, kv_block_size=kv_bs)
+    cfg = fwd_config(q_len=L, interpret=interpret, options=options, **sizes)
+    bwd_cfg = bwd_config(interpret=interpret, options=options, **sizes)
     score_prog, score_consts = (None, [])
     if score_mod is not None:
         score_prog, score_consts = trace_mod(score_mod, is_score_mod=True)
@@ -127,7 +152,8 @@ def flex_attention(
     q = _pad_axis(_pad_axis(query, 2, Lp), 3, Ep)
     k = _pad_axis(_pad_axis(key, 2, C * kv_bs), 3, Ep)
     v = _pad_axis(_pad_axis(value, 2, C * kv_bs), 3, Evp)
-    out, lse = flex_fwd(q, k, v, tables, score_consts, mask_consts, st=st, cfg=cfg)
+    attention = attention_fn(st, cfg, bwd_cfg)
+    out, lse = attention(q, k, v, tables, score_consts, mask_consts)
     out = out[:, :, :L, : shape.Ev]
     if return_lse:
         return out, lse[:, :, :L]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.flex_bwd_triton import BwdConfig
 from pallas_kernels.flex_fwd_triton import FwdConfig
 
-__all__ = ["KERNEL_OPTION_KEYS", "default_interpret", "fwd_config"]
+__all__ = ["KERNEL_OPTION_KEYS", "bwd_config", "default_interpret", "fwd_config"]
 
-KERNEL_OPTION_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "interpret")
+FWD_OPTION_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
+BWD_OPTION_KEYS = ("bwd_block_m", "bwd_block_n", "bwd_num_warps", "bwd_num_stages")
+KERNEL_OPTION_KEYS = (*FWD_OPTION_KEYS, *BWD_OPTION_KEYS, "interpret")
 
 
 def default_interpret() -> bool:
@@ -47,11 +50,7 @@ def fwd_config(
     options: dict | None,
 ) -> FwdConfig:
     options = dict(options or {})
-    unknown = set(options) - set(KERNEL_OPTION_KEYS)
-    if unknown:
-        raise ValueError(
-            f"kernel_options has unknown keys {sorted(unknown)}; known: {list(KERNEL_OPTION_KEYS)}"
-        )
+    _check_keys(options)
     if interpret:
         # Few, large tiles keep interpret mode fast; nothing constrains the shapes.
         want_m, want_n, warps, stages = 64, 64, 4, 1
@@ -69,15 +68,50 @@ def fwd_config(
         num_warps=options.get("num_warps", warps),
         num_stages=options.get("num_stages", stages),
     )
+    _check_tiles(cfg, "", q_block_size, kv_block_size, interpret)
+    return cfg
+
+
+def bwd_config(
+    *, head_dim: int, q_block_size: int, kv_block_size: int, interpret: bool, options: dict | None
+) -> BwdConfig:
+    """Tiles for the dq and dk/dv kernels (`bwd_*` kernel_options override them)."""
+    options = dict(options or {})
+    _check_keys(options)
+    if interpret or head_dim <= 64:
+        want_m, want_n, warps, stages = 64, 64, 4, 2
+    elif head_dim <= 128:
+        want_m, want_n, warps, stages = 64, 64, 8, 2
+    else:
+        want_m, want_n, warps, stages = 32, 32, 4, 1
+    cfg = BwdConfig(
+        block_m=options.get("bwd_block_m", _largest_pow2_divisor(q_block_size, want_m)),
+        block_n=options.get("bwd_block_n", _largest_pow2_divisor(kv_block_size, want_n)),
+        num_warps=options.get("bwd_num_warps", warps),
+        num_stages=options.get("bwd_num_stages", stages),
+    )
+    _check_tiles(cfg, "bwd_", q_block_size, kv_block_size, interpret)
+    return cfg
+
+
+def _check_keys(options: dict) -> None:
+    unknown = set(options) - set(KERNEL_OPTION_KEYS)
+    if unknown:
+        raise ValueError(
+            f"kernel_options has unknown keys {sorted(unknown)}; known: {list(KERNEL_OPTION_KEYS)}"
+        )
+
+
+def _check_tiles(cfg, prefix: str, q_block_size: int, kv_block_size: int, interpret: bool):
     block_m, block_n = cfg.block_m, cfg.block_n
+    names = f"{prefix}block_m={block_m}, {prefix}block_n={block_n}"
     if q_block_size % block_m or kv_block_size % block_n:
         raise ValueError(
-            f"kernel tiles (block_m={block_m}, block_n={block_n}) must divide the BlockMask's "
+            f"kernel tiles ({names}) must divide the BlockMask's "
             f"BLOCK_SIZE ({q_block_size}, {kv_block_size})"
         )
     if not interpret and min(block_m, block_n) < 16:
         raise ValueError(
-            f"on the GPU the kernel tiles must be at least 16 (got block_m={block_m}, "
-            f"block_n={block_n}); use a BlockMask BLOCK_SIZE with a power-of-2 factor >= 16"
+            f"on the GPU the kernel tiles must be at least 16 (got {names}); "
+            "use a BlockMask BLOCK_SIZE with a power-of-2 factor >= 16"
         )
-    return cfg

@@ -32,18 +32,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.mod_tracer import ModProgram, eval_mod
+from pallas_kernels.mod_tracer import ModProgram
+from pallas_kernels.score_tile import MASKED_SCORE, div_static, mods_on_tile, rem_static
 
-__all__ = ["FwdConfig", "flex_fwd"]
+__all__ = ["FwdConfig", "FwdStatic", "flex_fwd"]
 
-# The score of a masked element. -inf (not a large negative number) so that a
-# masked element contributes exactly 0 and a fully masked row is detectable.
-MASKED_SCORE = float("-inf")
 LOG2E = math.log2(math.e)
 
 # Counts traces of the kernel body: tests use it to show that new captured
 # values do not retrace or recompile.
-TRACE_COUNT = {"fwd": 0}
+TRACE_COUNT = {"fwd": 0, "dq": 0, "dkdv": 0}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,15 +85,6 @@ class FwdStatic:
     interpret: bool
 
 
-def _div(x, n: int):
-    """x // n for a traced int32 and a static n (Triton's lowering mistypes a literal 1)."""
-    return x if n == 1 else x // jnp.int32(n)
-
-
-def _rem(x, n: int):
-    return jnp.zeros_like(x) if n == 1 else x % jnp.int32(n)
-
-
 def _tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked):
     """One kv tile of the online softmax. masked: apply mask_mod (partial block)."""
     acc, m_i, l_i = carry
@@ -103,22 +92,7 @@ def _tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_r
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * st.scale
     kv_idx = start_n + lax.broadcasted_iota(jnp.int32, (1, cfg.block_n), 1)
-    # Mods see in-range indices only (padding rows/columns are clamped, then dropped).
-    q_in = jnp.minimum(q_idx, st.L - 1)
-    kv_in = jnp.minimum(kv_idx, st.S - 1)
-    if st.score_mod is not None:
-        s = eval_mod(
-            st.score_mod, score_refs, (s, b, h, q_in, kv_in), s.shape, not st.interpret
-        ).astype(jnp.float32)
-    keep = None
-    if masked and st.mask_mod is not None:
-        keep = eval_mod(st.mask_mod, mask_refs, (b, h, q_in, kv_in), s.shape, not st.interpret)
-    needs_bound = masked or (st.S % st.kv_block_size != 0)
-    if needs_bound:
-        in_range = jnp.broadcast_to(kv_idx < st.S, s.shape)
-        keep = in_range if keep is None else keep & in_range
-    if keep is not None:
-        s = jnp.where(keep, s, MASKED_SCORE)
+    s, _, _ = mods_on_tile(s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked)
 
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == MASKED_SCORE, 0.0, m_new)
@@ -154,7 +128,7 @@ def _fwd_kernel(
     h = pl.program_id(2)
     bm = 0 if st.mask_batch_broadcast else b
     hm = 0 if st.mask_head_broadcast else h
-    row = _div(tile, st.q_block_size // cfg.block_m)
+    row = div_static(tile, st.q_block_size // cfg.block_m)
     q_idx = tile * cfg.block_m + lax.broadcasted_iota(jnp.int32, (cfg.block_m, 1), 0)
 
     q = q_ref[...]
@@ -170,8 +144,8 @@ def _fwd_kernel(
         n_blocks = num_ref[bm, hm, row]
 
         def body(it, carry):
-            j = _div(it, tiles_per_block)
-            sub = _rem(it, tiles_per_block)
+            j = div_static(it, tiles_per_block)
+            sub = rem_static(it, tiles_per_block)
             block = idx_ref[bm, hm, row, j]
             start_n = block * st.kv_block_size + sub * cfg.block_n
             k = k_ref[pl.ds(start_n, cfg.block_n), :]
@@ -207,7 +181,7 @@ def flex_fwd(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cfg: 
     G = st.group_size
 
     def kv_map(tile, b, h):
-        return (0 if st.kv_batch_broadcast else b, _div(h, G), 0, 0)
+        return (0 if st.kv_batch_broadcast else b, div_static(h, G), 0, 0)
 
     whole = lambda x: pl.BlockSpec(x.shape, lambda tile, b, h, n=x.ndim: (0,) * n)
     in_specs = [

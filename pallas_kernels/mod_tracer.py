@@ -17,6 +17,13 @@ Pallas refuses kernels that close over arrays, and a mod usually does
    numpy object array of tiles, handled by static structural ops; indexing a
    hoisted array becomes a gather load from its ref at flat indices.
 
+3. `eval_score_mod_vjp` is the backward's version: it evaluates the score_mod
+   once to record every gather from a hoisted array, then re-evaluates it as a
+   function of (score tile, gathered values) under `jax.vjp`. That gives the
+   derivative with respect to the score, and the cotangent of each gathered
+   value together with the flat indices it came from: the kernel scatter-adds
+   those into the captured array's gradient (a learnable bias).
+
 Only what a mod can express per score element is supported; anything else
 raises `ModTraceError` naming the mod and the operation.
 """
@@ -33,7 +40,7 @@ from jax.extend import core as jex_core
 
 from pallas_kernels.approx_math import tanh_approx_p
 
-__all__ = ["ModProgram", "ModTraceError", "eval_mod", "trace_mod"]
+__all__ = ["ModProgram", "ModTraceError", "eval_mod", "eval_score_mod_vjp", "trace_mod"]
 
 
 class ModTraceError(TypeError):
@@ -108,10 +115,11 @@ _ELEMENTWISE = {
 
 @dataclasses.dataclass(frozen=True)
 class _Hoisted:
-    """A hoisted captured array: its flat ref and its original shape."""
+    """A hoisted captured array: its flat ref, its original shape and its input slot."""
 
     ref: object
     shape: tuple[int, ...]
+    slot: int
 
 
 def _as_obj(x) -> np.ndarray:
@@ -130,9 +138,18 @@ def _broadcast_tiles(vals):
 
 
 class _Evaluator:
-    def __init__(self, program: ModProgram, on_gpu: bool):
+    """Walks a mod's jaxpr on tiles.
+
+    record: a list that receives (slot, flat index, value) for every gather
+    from a hoisted array. replay: an iterator of values that stand in for
+    those gathers, in the same order (no loads happen then).
+    """
+
+    def __init__(self, program: ModProgram, on_gpu: bool, record=None, replay=None):
         self.program = program
         self.on_gpu = on_gpu
+        self.record = record
+        self.replay = replay
 
     def fail(self, what: str):
         kind = "score_mod" if self.program.is_score_mod else "mask_mod"
@@ -161,9 +178,7 @@ class _Evaluator:
 
     def tanh_approx(self, x):
         if self.on_gpu:
-            from jax.experimental.pallas import triton as plgpu
-
-            return plgpu.approx_tanh(x.astype(jnp.float32)).astype(x.dtype)
+            return _gpu_approx_tanh(x.astype(jnp.float32)).astype(x.dtype)
         return jnp.tanh(x)
 
     # -- loads from hoisted arrays -----------------------------------------
@@ -182,7 +197,12 @@ class _Evaluator:
             stride *= n
         if isinstance(flat, int):
             flat = jnp.int32(flat)
-        return hoisted.ref[flat]
+        if self.replay is not None:
+            return next(self.replay)
+        value = hoisted.ref[flat]
+        if self.record is not None:
+            self.record.append((hoisted.slot, flat, value))
+        return value
 
     # -- structural ops on (small) object arrays ---------------------------
     def structural(self, eqn, invals):
@@ -324,14 +344,76 @@ def eval_mod(
 
     Returns one [BM, BN] tile (bool for a mask_mod, float32 for a score_mod).
     """
+    consts = _consts(program, hoisted_refs)
+    (out,) = _Evaluator(program, on_gpu).run(program.jaxpr, consts, list(args))
+    return _as_tile(out, out_shape)
+
+
+def eval_score_mod_vjp(
+    program: ModProgram,
+    hoisted_refs: Sequence,
+    args: Sequence,
+    out_shape: tuple[int, int],
+    on_gpu: bool,
+    grad_slots: Sequence[int],
+):
+    """A score_mod's value and pullback on one tile, for the backward kernels.
+
+    args are (score, b, h, q_idx, kv_idx) tiles; grad_slots are the hoisted
+    inputs that need a gradient. Returns (score [float32 tile], pullback) with
+    pullback(d_score) -> (d_score_in, [(slot, flat_index, d_value), ...]): one
+    entry per gather from a grad slot, d_value shaped like flat_index.
+    """
+    consts = _consts(program, hoisted_refs)
+    loads = []
+    _Evaluator(program, on_gpu, record=loads).run(program.jaxpr, consts, list(args))
+    diff = [i for i, (slot, _, _) in enumerate(loads) if slot in grad_slots]
+
+    def score_of(score, *diff_values):
+        values = [value for _, _, value in loads]
+        for i, value in zip(diff, diff_values, strict=True):
+            values[i] = value
+        evaluator = _Evaluator(program, on_gpu, replay=iter(values))
+        (out,) = evaluator.run(program.jaxpr, consts, [score, *args[1:]])
+        return _as_tile(out, out_shape).astype(jnp.float32)
+
+    score, vjp = jax.vjp(score_of, args[0], *[loads[i][2] for i in diff])
+
+    def pullback(d_score):
+        d_in, *d_values = vjp(d_score)
+        return d_in, [(loads[i][0], loads[i][1], dv) for i, dv in zip(diff, d_values, strict=True)]
+
+    return score, pullback
+
+
+def _consts(program: ModProgram, hoisted_refs: Sequence) -> list:
     consts = []
     for kind, val in program.const_slots:
         if kind == "literal":
             consts.append(val[()])
         else:
-            consts.append(_Hoisted(hoisted_refs[val], program.const_shapes[val]))
-    (out,) = _Evaluator(program, on_gpu).run(program.jaxpr, consts, list(args))
+            consts.append(_Hoisted(hoisted_refs[val], program.const_shapes[val], val))
+    return consts
+
+
+def _as_tile(out, out_shape):
     if isinstance(out, np.ndarray):
         out = out[()]
     out = jnp.asarray(out)
     return jnp.broadcast_to(out, out_shape) if out.shape != out_shape else out
+
+
+@jax.custom_jvp
+def _gpu_approx_tanh(x):
+    """`tanh.approx.f32`, with the derivative 1 - t^2 so the backward can use it too."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.approx_tanh(x)
+
+
+@_gpu_approx_tanh.defjvp
+def _gpu_approx_tanh_jvp(primals, tangents):
+    from jax.experimental.pallas import triton as plgpu
+
+    t = plgpu.approx_tanh(primals[0])
+    return t, tangents[0] * (1.0 - t * t)

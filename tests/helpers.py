@@ -16,6 +16,21 @@ def random_qkv(seed, B, Hq, L, S, E, Ev=None, Hkv=None, Bkv=None, dtype=np.float
     return tuple(jax.numpy.asarray(x, dtype) for x in (q, k, v))
 
 
+def random_block_mask(seed):
+    """A random element mask with random lengths and block sizes: (block_mask, L, S)."""
+    import flexjax as fj
+
+    rng = np.random.default_rng(seed)
+    L, S = int(rng.integers(20, 150)), int(rng.integers(20, 150))
+    q_bs, kv_bs = (int(x) for x in rng.choice([16, 32, 64], 2))
+    dense = jax.numpy.asarray(rng.random((L, S)) < rng.uniform(0.05, 0.95))
+
+    def random_mask(b, h, q, kv):
+        return dense[q, kv]
+
+    return fj.create_block_mask(random_mask, 1, 1, L, S, BLOCK_SIZE=(q_bs, kv_bs)), L, S
+
+
 TABLES = (
     "kv_num_blocks",
     "kv_indices",

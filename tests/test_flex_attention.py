@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_qkv
+from helpers import random_block_mask, random_qkv
 
 import flexjax as fj
 from flexjax import masks, mods
@@ -65,15 +65,7 @@ def test_every_seed_example_matches_reference(name, dtype):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_masks_and_block_sizes(seed):
-    rng = np.random.default_rng(seed)
-    L, S = int(rng.integers(20, 150)), int(rng.integers(20, 150))
-    q_bs, kv_bs = (int(x) for x in rng.choice([16, 32, 64], 2))
-    dense = jnp.asarray(rng.random((L, S)) < rng.uniform(0.05, 0.95))
-
-    def random_mask(b, h, q, kv):
-        return dense[q, kv]
-
-    bm = fj.create_block_mask(random_mask, 1, 1, L, S, BLOCK_SIZE=(q_bs, kv_bs))
+    bm, L, S = random_block_mask(seed)
     q, k, v = random_qkv(seed, 1, 2, L, S, 16)
     assert_close(*run_both(q, k, v, block_mask=bm), jnp.float32)
 

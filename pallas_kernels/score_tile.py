@@ -1,0 +1,77 @@
+"""The part of every attention kernel that turns q k^T into masked, modded scores.
+
+Forward, dq and dk/dv kernels all do the same thing to a tile of raw scores:
+apply score_mod (with the *in-range* indices: padding rows and columns are
+clamped, then dropped), evaluate mask_mod in partial blocks, and bound the kv
+columns past the true key length. Keeping that in one function is what makes
+the backward recompute exactly the scores the forward used.
+
+The tile may be in either orientation: the forward and the dq kernel use
+[BM, BN] (q_idx [BM, 1], kv_idx [1, BN]); the dk/dv kernel uses the transpose
+[BN, BM] (q_idx [1, BM], kv_idx [BN, 1]). Mods are elementwise, so they do not
+care.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.mod_tracer import eval_mod, eval_score_mod_vjp
+
+__all__ = ["MASKED_SCORE", "div_static", "mods_on_tile", "rem_static"]
+
+# The score of a masked element. -inf (not a large negative number) so that a
+# masked element contributes exactly 0 and a fully masked row is detectable.
+MASKED_SCORE = float("-inf")
+
+
+def div_static(x, n: int):
+    """x // n for a traced int32 and a static n (Triton's lowering mistypes a literal 1)."""
+    return x if n == 1 else x // jnp.int32(n)
+
+
+def rem_static(x, n: int):
+    return jnp.zeros_like(x) if n == 1 else x % jnp.int32(n)
+
+
+def mods_on_tile(s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots=None):
+    """Apply score_mod, mask_mod (if `masked`) and the kv bound to a raw score tile.
+
+    Returns (s, keep, pullback): s is the modded score with MASKED_SCORE where
+    not kept; keep is the bool tile (None when every element is kept).
+    pullback is None unless grad_slots is given (the backward): then
+    pullback(ds) -> (d raw score, [(slot, flat index, d gathered value)]), the
+    score_mod's vector-Jacobian product, with zeros where nothing is kept.
+    """
+    q_in = jnp.minimum(q_idx, st.L - 1)
+    kv_in = jnp.minimum(kv_idx, st.S - 1)
+    on_gpu = not st.interpret
+    pullback = None
+    if st.score_mod is not None and grad_slots is not None:
+        s, mod_pullback = eval_score_mod_vjp(
+            st.score_mod, score_refs, (s, b, h, q_in, kv_in), s.shape, on_gpu, grad_slots
+        )
+    elif st.score_mod is not None:
+        s = eval_mod(st.score_mod, score_refs, (s, b, h, q_in, kv_in), s.shape, on_gpu)
+        s = s.astype(jnp.float32)
+    keep = None
+    if masked and st.mask_mod is not None:
+        keep = eval_mod(st.mask_mod, mask_refs, (b, h, q_in, kv_in), s.shape, on_gpu)
+    if masked or st.S % st.kv_block_size != 0:
+        in_range = jnp.broadcast_to(kv_idx < st.S, s.shape)
+        keep = in_range if keep is None else keep & in_range
+    if keep is not None:
+        s = jnp.where(keep, s, MASKED_SCORE)
+    if grad_slots is not None:
+
+        def pullback(ds):
+            if keep is not None:
+                ds = jnp.where(keep, ds, 0.0)
+            if st.score_mod is None:
+                return ds, []
+            ds_raw, grads = mod_pullback(ds)
+            if keep is not None:
+                ds_raw = jnp.where(keep, ds_raw, 0.0)
+            return ds_raw, grads
+
+    return s, keep, pullback
