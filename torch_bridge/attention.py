@@ -1,0 +1,169 @@
+"""flex_attention for torch tensors: flexjax's kernels behind a torch.autograd.Function.
+
+The forward converts the tensors to jax arrays (DLPack, no copy), runs
+`jax.vjp` of `flexjax.flex_attention` (the custom_vjp of the Pallas kernels)
+and returns torch views of the results; the backward feeds torch's gradients
+to the saved pullback and returns its results as torch tensors. Torch tensors
+captured by the mods become jax arrays; floating ones that require grad are
+inputs of the vjp, so a learnable bias gets its `.grad` like q, k and v.
+
+The tensors and outputs are also saved with `ctx.save_for_backward`: the
+pullback reads the same memory, and torch's version counter then refuses a
+backward after any of them was modified in place, instead of computing wrong
+gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import torch
+
+import flexjax
+from flexjax import BlockMask
+from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE
+from torch_bridge.block_mask import from_torch_block_mask
+from torch_bridge.convert import array_to_torch, check_same_device, tensor_to_jax
+from torch_bridge.mods import captured_tensors, rebuild
+
+__all__ = ["create_block_mask", "flex_attention"]
+
+
+def _jax_captures(fn, differentiable: bool):
+    """(tensors, arrays) for the tensors fn captures: float ones needing grad first if asked."""
+    tensors = captured_tensors(fn)
+    arrays = {id(t): tensor_to_jax(t, f"a tensor captured by {_name(fn)}", False) for t in tensors}
+    diff = [t for t in tensors if differentiable and t.requires_grad and t.is_floating_point()]
+    return tensors, arrays, diff
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _to_flexjax_block_mask(block_mask, mask_mod):
+    if block_mask is None or isinstance(block_mask, BlockMask):
+        if mask_mod is not None:
+            raise ValueError(
+                "mask_mod= is only for converting a torch BlockMask; a flexjax BlockMask "
+                "already carries its mask_mod"
+            )
+        bm = block_mask
+    else:
+        bm = from_torch_block_mask(block_mask, mask_mod=mask_mod)
+    if bm is None or not captured_tensors(bm.mask_mod):
+        return bm
+    _, arrays, _ = _jax_captures(bm.mask_mod, differentiable=False)
+    tables, _ = bm.tree_flatten()
+    return BlockMask(
+        bm.seq_lengths, *tables, BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=rebuild(bm.mask_mod, arrays)
+    )
+
+
+class _FlexAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, query, key, value, *captured):
+        jax_in = [
+            tensor_to_jax(t, name)
+            for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
+        ]
+        jax_in += [tensor_to_jax(t, "a captured tensor", False) for t in captured]
+        if any(ctx.needs_input_grad[1:]):
+            (out, lse), pullback = jax.vjp(run, *jax_in)
+            ctx.pullback = pullback
+        else:
+            out, lse = run(*jax_in)
+            ctx.pullback = None
+        t_out, t_lse = array_to_torch(out), array_to_torch(lse)
+        ctx.save_for_backward(query, key, value, *captured, t_out, t_lse)
+        return t_out, t_lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        saved = ctx.saved_tensors  # raises if any of them was modified in place
+        t_out, t_lse = saved[-2], saved[-1]
+        if ctx.pullback is None:
+            raise RuntimeError("flex_attention: backward called but no input required grad")
+        d_out = torch.zeros_like(t_out) if d_out is None else d_out.to(t_out.dtype)
+        d_lse = torch.zeros_like(t_lse) if d_lse is None else d_lse.to(t_lse.dtype)
+        d_out, d_lse = tensor_to_jax(d_out, "grad of out"), tensor_to_jax(d_lse, "grad of lse")
+        grads = ctx.pullback((d_out, d_lse))
+        ctx.pullback = None  # free the residuals
+        return (None, *(array_to_torch(g) for g in grads))
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Callable | None = None,
+    block_mask=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict | None = None,
+    mask_mod: Callable | None = None,
+):
+    """`flexjax.flex_attention` on torch tensors (CPU or CUDA), differentiable with autograd.
+
+    query [B, Hq, L, E], key [B|1, Hkv, S, E], value [B|1, Hkv, S, Ev]:
+    float16, bfloat16 or float32 tensors on one device. score_mod and the
+    block mask's mask_mod are jnp functions; the arrays they capture may be
+    torch tensors (a captured float tensor with requires_grad gets a
+    gradient) or jax arrays. block_mask: a flexjax BlockMask, or a torch
+    BlockMask together with `mask_mod=`, its jnp equivalent (needed when it has
+    partial blocks). Returns torch tensors on the inputs' device: out, and
+    with return_lse also lse (float32). Outputs share memory with JAX's
+    results (no copy).
+    """
+    device = check_same_device(query=query, key=key, value=value)
+    kernel_options = dict(kernel_options or {})
+    # The tensors' device decides, not JAX's default one: CPU tensors on a GPU machine
+    # run the kernels in interpret mode.
+    kernel_options.setdefault("interpret", device.type != "cuda")
+    bm = _to_flexjax_block_mask(block_mask, mask_mod)
+    tensors, arrays, diff = _jax_captures(score_mod, differentiable=True)
+    diff_ids = [id(t) for t in diff]
+
+    def run(q, k, v, *diff_arrays):
+        replaced = dict(arrays)
+        replaced.update(zip(diff_ids, diff_arrays, strict=True))
+        return flexjax.flex_attention(
+            q, k, v,
+            score_mod=rebuild(score_mod, replaced),
+            block_mask=bm, scale=scale, enable_gqa=enable_gqa,
+            return_lse=True, kernel_options=kernel_options,
+        )  # fmt: skip
+
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            out, lse = _FlexAttentionFunction.apply(run, query, key, value, *diff)
+    else:
+        out, lse = _FlexAttentionFunction.apply(run, query, key, value, *diff)
+    return (out, lse) if return_lse else out
+
+
+def create_block_mask(
+    mask_mod: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: str | torch.device = "cpu",
+    BLOCK_SIZE: int | tuple[int, int] = DEFAULT_SPARSE_BLOCK_SIZE,
+) -> BlockMask:
+    """`flexjax.create_block_mask` for a jnp mask_mod that may capture torch tensors.
+
+    The tables are built on the JAX device matching `device` (torch's naming:
+    "cpu", "cuda", "cuda:1"), and the returned BlockMask's mask_mod uses jax
+    arrays, ready for `torch_bridge.flex_attention`.
+    """
+    dev = torch.device(device)
+    _, arrays, _ = _jax_captures(mask_mod, differentiable=False)
+    jax_mask_mod = rebuild(mask_mod, arrays)
+    platform = "gpu" if dev.type == "cuda" else "cpu"
+    target = jax.devices(platform)[dev.index or 0]
+    with jax.default_device(target):
+        bm = flexjax.create_block_mask(jax_mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=BLOCK_SIZE)
+    return jax.tree.map(lambda x: jax.device_put(x, target), bm)
