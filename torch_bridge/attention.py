@@ -164,6 +164,7 @@ def create_block_mask(
     jax_mask_mod = rebuild(mask_mod, arrays)
     platform = "gpu" if dev.type == "cuda" else "cpu"
     target = jax.devices(platform)[dev.index or 0]
-    with jax.default_device(target):
-        bm = flexjax.create_block_mask(jax_mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=BLOCK_SIZE)
-    return jax.tree.map(lambda x: jax.device_put(x, target), bm)
+    with jax.default_device(target):  # build there too, not only store there
+        return flexjax.create_block_mask(
+            jax_mask_mod, B, H, Q_LEN, KV_LEN, device=target, BLOCK_SIZE=BLOCK_SIZE
+        )
