@@ -15,27 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from timing import time_jax
 from torch.nn.attention import flex_attention as tfa
 
 import flexjax as fj
 from flexjax.examples import EXAMPLES
-
-
-def time_jax(fn, reps=20):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def main():

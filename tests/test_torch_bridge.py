@@ -192,13 +192,15 @@ def test_captured_torch_tensors_and_learnable_parameter():
 def test_torch_block_mask_is_converted_with_its_jnp_mask_mod():
     L = 100
     t_bm = tfa.create_block_mask(torch_twins.causal_mask, 1, 1, L, L, device="cpu", BLOCK_SIZE=32)
-    q = leaf(torch.randn(1, 2, L, 16, generator=torch.Generator().manual_seed(5)))
-    out = tb.flex_attention(q, q, q, block_mask=t_bm, mask_mod=masks.causal_mask)
+    gen = torch.Generator().manual_seed(5)
+    # Distinct q, k, v: torch 2.13's dynamo crashes explaining a recompile for aliased inputs.
+    q, k, v = (leaf(torch.randn(1, 2, L, 16, generator=gen)) for _ in range(3))
+    out = tb.flex_attention(q, k, v, block_mask=t_bm, mask_mod=masks.causal_mask)
     with torch.no_grad():
-        ref = tfa.flex_attention(*(q.detach(),) * 3, block_mask=t_bm)
+        ref = tfa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=t_bm)
     assert_close(out, ref, F32_TOL, "out")
     with pytest.raises(ValueError, match="mask_mod="):
-        tb.flex_attention(q, q, q, block_mask=t_bm)
+        tb.flex_attention(q, k, v, block_mask=t_bm)
 
 
 def jagged_inputs(lengths, H, D, gen):

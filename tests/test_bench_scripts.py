@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end (CPU, small sizes): a smoke test, not a measurement."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_seed_table_writes_markdown_json_and_chart(tmp_path):
+    out = tmp_path / "table"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "bench/seed_table.py", "--examples", "causal", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    saved = json.loads((tmp_path / "table.json").read_text())
+    rows = {r["impl"]: r for r in saved["examples"][0]["rows"]}
+    assert set(rows) == {"causal FA2", "F.sdpa + mask", "FlexAttention", "flexjax"}
+    assert rows["flexjax"]["check"] < 1e-4 and rows["F.sdpa + mask"]["check"] < 1e-4
+    assert rows["flexjax"]["fw_ms"] > 0 and rows["flexjax"]["bw_ms"] > 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| flexjax |" in text and "time ratio" in text
+    assert (tmp_path / "table.png").stat().st_size > 10_000
