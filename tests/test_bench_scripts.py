@@ -21,3 +21,16 @@ def test_seed_table_writes_markdown_json_and_chart(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "| flexjax |" in text and "time ratio" in text
     assert (tmp_path / "table.png").stat().st_size > 10_000
+
+
+def test_config_sweep_times_and_checks_every_config(tmp_path):
+    out = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "bench/sweep_configs.py", "--example", "causal", "--S", "128"]
+    cmd += ["--B", "1", "--H", "2", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {r["phase"] for r in rows} == {"fwd", "bwd"} and len(rows) == 4
+    for r in rows:
+        assert "failed" not in r, r
+        assert r["ms"] > 0 and r["err"] < 1e-5
