@@ -63,13 +63,13 @@ def _to_flexjax_block_mask(block_mask, mask_mod):
 
 class _FlexAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, query, key, value, *captured):
+    def forward(ctx, run, need_vjp, query, key, value, *captured):
         jax_in = [
             tensor_to_jax(t, name)
             for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
         ]
         jax_in += [tensor_to_jax(t, "a captured tensor", False) for t in captured]
-        if any(ctx.needs_input_grad[1:]):
+        if need_vjp:  # else no pullback (and no residuals) is kept
             (out, lse), pullback = jax.vjp(run, *jax_in)
             ctx.pullback = pullback
         else:
@@ -90,7 +90,7 @@ class _FlexAttentionFunction(torch.autograd.Function):
         d_out, d_lse = tensor_to_jax(d_out, "grad of out"), tensor_to_jax(d_lse, "grad of lse")
         grads = ctx.pullback((d_out, d_lse))
         ctx.pullback = None  # free the residuals
-        return (None, *(array_to_torch(g) for g in grads))
+        return (None, None, *(array_to_torch(g) for g in grads))
 
 
 def flex_attention(
@@ -117,6 +117,9 @@ def flex_attention(
     with return_lse also lse (float32). Outputs share memory with JAX's
     results (no copy).
     """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device = check_same_device(query=query, key=key, value=value)
     kernel_options = dict(kernel_options or {})
     # The tensors' device decides, not JAX's default one: CPU tensors on a GPU machine
@@ -136,11 +139,14 @@ def flex_attention(
             return_lse=True, kernel_options=kernel_options,
         )  # fmt: skip
 
+    # Decided here: inside Function.forward grad mode is always off.
+    need_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *diff))
+    args = (run, need_vjp, query, key, value, *diff)
     if device.type == "cuda":
         with torch.cuda.device(device):
-            out, lse = _FlexAttentionFunction.apply(run, query, key, value, *diff)
+            out, lse = _FlexAttentionFunction.apply(*args)
     else:
-        out, lse = _FlexAttentionFunction.apply(run, query, key, value, *diff)
+        out, lse = _FlexAttentionFunction.apply(*args)
     return (out, lse) if return_lse else out
 
 
