@@ -34,7 +34,7 @@ import numpy as np
 
 import flexjax as fj
 from flexjax.examples import EXAMPLES, Case
-from flexjax.reference import flex_attention_reference
+from flexjax.reference import flex_attention_reference, head_slice, shift_score_mod
 
 # Dense implementations hold B*H*L*S float32 scores (several copies under grad).
 _DENSE_SCORE_LIMIT = 1 << 28
@@ -105,12 +105,8 @@ def _slice_errors(case: Case, block_mask, q, k, v, dout, got) -> float:
     """Max relative error of flexjax's (out, dq, dk, dv) on two (b, h) slices vs the reference."""
     errs = []
     for b0, h0 in sorted({(0, 0), (case.B - 1, case.H - 1)}):
-        sl = lambda x, b0=b0, h0=h0: x[b0 : b0 + 1, h0 : h0 + 1].astype(jnp.float32)
-        score_mod = None
-        if case.score_mod is not None:
-            score_mod = lambda s, b, h, qi, kv, b0=b0, h0=h0: case.score_mod(
-                s, b + b0, h + h0, qi, kv
-            )
+        sl = lambda x, b0=b0, h0=h0: head_slice(x, b0, h0)
+        score_mod = shift_score_mod(case.score_mod, b0, h0)
         ref = lambda q, k, v, score_mod=score_mod: flex_attention_reference(
             q, k, v, score_mod=score_mod, block_mask=block_mask
         )

@@ -24,7 +24,7 @@ from flexjax.block_mask import BlockMask, ordered_to_dense
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
 from flexjax.mod_utils import ModKind, vmap_bhqkv
 
-__all__ = ["flex_attention_reference", "kept_elements"]
+__all__ = ["flex_attention_reference", "head_slice", "kept_elements", "shift_score_mod"]
 
 
 def kept_elements(block_mask: BlockMask, B: int, Hq: int, L: int, S: int) -> jax.Array:
@@ -107,3 +107,19 @@ def flex_attention_reference(
     lse = jnp.where(empty, -jnp.inf, jnp.log(safe_denom) + row_max)[..., 0]
     lse_dtype = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
     return out, lse.astype(lse_dtype)
+
+
+def head_slice(x: jax.Array, b0: int, h0: int) -> jax.Array:
+    """x[b0, h0] as a float32 [1, 1, ...] array: one (batch, head) problem for a sliced check."""
+    return x[b0 : b0 + 1, h0 : h0 + 1].astype(jnp.float32)
+
+
+def shift_score_mod(score_mod: Callable | None, b0: int, h0: int) -> Callable | None:
+    """score_mod for a `head_slice` at (b0, h0): the mod still sees the original b and h.
+
+    Lets the dense reference check one (batch, head) of a problem too large to
+    run whole (a block mask broadcast over batch and heads applies unchanged).
+    """
+    if score_mod is None:
+        return None
+    return lambda s, b, h, q_idx, kv_idx: score_mod(s, b + b0, h + h0, q_idx, kv_idx)

@@ -19,7 +19,7 @@ import flexjax as fj
 from flexjax import masks, mods
 from flexjax.api import flex_attention
 from flexjax.examples import EXAMPLES
-from flexjax.reference import flex_attention_reference
+from flexjax.reference import flex_attention_reference, head_slice, shift_score_mod
 from pallas_kernels import flex_fwd_triton
 
 
@@ -190,10 +190,8 @@ def test_bad_arguments(kwargs, exc, words):
 
 def _slice_reference(q, k, v, case, bm, b0, h0):
     """float32 reference for one (batch, head), with the mods' b and h shifted back."""
-    sl = lambda x: x[b0 : b0 + 1, h0 : h0 + 1].astype(jnp.float32)
-    score_mod = None
-    if case.score_mod is not None:
-        score_mod = lambda s, b, h, qi, kv: case.score_mod(s, b + b0, h + h0, qi, kv)
+    sl = lambda x: head_slice(x, b0, h0)
+    score_mod = shift_score_mod(case.score_mod, b0, h0)
     return flex_attention_reference(
         sl(q), sl(k), sl(v), score_mod=score_mod, block_mask=bm, return_lse=True
     )

@@ -15,7 +15,7 @@ import flexjax as fj
 from flexjax import masks, mods
 from flexjax.api import flex_attention
 from flexjax.examples import EXAMPLES
-from flexjax.reference import flex_attention_reference
+from flexjax.reference import flex_attention_reference, head_slice, shift_score_mod
 
 
 def _loss(attn, q, k, v, seed=0, lse_weight=0.3, **kw):
@@ -254,12 +254,8 @@ def test_seed_example_gradients_at_seed_sizes_on_gpu(name):
     for a, b in zip(grads, again, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
     for b0, h0 in {(0, 0), (case.B - 1, case.H - 1)}:
-        sl = lambda x, b0=b0, h0=h0: x[b0 : b0 + 1, h0 : h0 + 1].astype(jnp.float32)
-        score_mod = None
-        if case.score_mod is not None:
-            score_mod = lambda s, b, h, qi, kv, b0=b0, h0=h0: case.score_mod(
-                s, b + b0, h + h0, qi, kv
-            )
+        sl = lambda x, b0=b0, h0=h0: head_slice(x, b0, h0)
+        score_mod = shift_score_mod(case.score_mod, b0, h0)
         ref = _vjp(
             flex_attention_reference, sl(q), sl(k), sl(v), sl(dout),
             score_mod=score_mod, block_mask=bm,
