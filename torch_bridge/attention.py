@@ -31,11 +31,11 @@ __all__ = ["create_block_mask", "flex_attention"]
 
 
 def _jax_captures(fn, differentiable: bool):
-    """(tensors, arrays) for the tensors fn captures: float ones needing grad first if asked."""
+    """({id(tensor): jax array} for the tensors fn captures, the float ones needing grad if asked)."""
     tensors = captured_tensors(fn)
     arrays = {id(t): tensor_to_jax(t, f"a tensor captured by {_name(fn)}", False) for t in tensors}
     diff = [t for t in tensors if differentiable and t.requires_grad and t.is_floating_point()]
-    return tensors, arrays, diff
+    return arrays, diff
 
 
 def _name(fn) -> str:
@@ -52,9 +52,11 @@ def _to_flexjax_block_mask(block_mask, mask_mod):
         bm = block_mask
     else:
         bm = from_torch_block_mask(block_mask, mask_mod=mask_mod)
-    if bm is None or not captured_tensors(bm.mask_mod):
+    if bm is None:
+        return None
+    arrays, _ = _jax_captures(bm.mask_mod, differentiable=False)
+    if not arrays:
         return bm
-    _, arrays, _ = _jax_captures(bm.mask_mod, differentiable=False)
     tables, _ = bm.tree_flatten()
     return BlockMask(
         bm.seq_lengths, *tables, BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=rebuild(bm.mask_mod, arrays)
@@ -126,7 +128,7 @@ def flex_attention(
     # run the kernels in interpret mode.
     kernel_options.setdefault("interpret", device.type != "cuda")
     bm = _to_flexjax_block_mask(block_mask, mask_mod)
-    tensors, arrays, diff = _jax_captures(score_mod, differentiable=True)
+    arrays, diff = _jax_captures(score_mod, differentiable=True)
     diff_ids = [id(t) for t in diff]
 
     def run(q, k, v, *diff_arrays):
@@ -166,7 +168,7 @@ def create_block_mask(
     arrays, ready for `torch_bridge.flex_attention`.
     """
     dev = torch.device(device)
-    _, arrays, _ = _jax_captures(mask_mod, differentiable=False)
+    arrays, _ = _jax_captures(mask_mod, differentiable=False)
     jax_mask_mod = rebuild(mask_mod, arrays)
     platform = "gpu" if dev.type == "cuda" else "cpu"
     target = jax.devices(platform)[dev.index or 0]
