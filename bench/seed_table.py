@@ -14,7 +14,8 @@ Columns: FW ms, FW TFLOP/s, BW ms (backward alone), BW TFLOP/s, density, check.
 FLOPs count the useful work of the example: forward 4 * B * H * Q_LEN * KV_LEN * D
 * density (two matmuls, q k^T and p v, 2 FLOPs per multiply-add), backward 10 *
 ... (five matmuls: q k^T again, dv = p^T do, dp = do v^T, dq = ds k, dk = ds^T q),
-with density = 1 - sparsity of the block mask; "causal FA2" uses the causal
+with density = the fraction of the scores in computed blocks (BlockMask.density:
+1 - sparsity, with edge blocks clipped to the sequences); "causal FA2" uses the causal
 density. check: flexjax's out, dq, dk, dv against torch FlexAttention's (max
 error / max magnitude); F.sdpa + mask against FlexAttention where comparable.
 
@@ -111,8 +112,8 @@ def cudnn_attend(name, case):
     return attend
 
 
-def run_example(name, scale, reps, gpu):
-    case = EXAMPLES[name].case(scale)
+def run_example(name, scale, reps, gpu, overrides=None):
+    case = EXAMPLES[name].case(scale, **(overrides or {}))
     dev = "cuda" if gpu else "cpu"
     dtype = TORCH_DTYPES[jnp.dtype(case.dtype).name]
     B, H, L, S, D = case.B, case.H, case.Q_LEN, case.KV_LEN, case.D
@@ -133,7 +134,7 @@ def run_example(name, scale, reps, gpu):
         bm = fj.create_block_mask(case.mask_mod, 1, 1, L, S)
     elif score_twin is not None and case.sdpa_comparable:
         dense = tfa.create_mask(score_twin, 1, 1, L, S, device=dev)
-    density = 1.0 if bm is None else (100 - bm.sparsity()) / 100
+    density = 1.0 if bm is None else bm.density()
     R = -(-L // 128)
     causal_density = (R + 1) / (2 * R)
     flops = 4 * B * H * L * S * D
@@ -316,7 +317,13 @@ def main(argv=None):
     p.add_argument(
         "--budget-s", type=float, default=None, help="start no new example after this many seconds"
     )
+    for dim in ("B", "H", "S", "D"):
+        p.add_argument(f"--{dim}", type=int, default=None, help=f"override the examples' {dim}")
+    p.add_argument("--dtype", default=None, choices=list(TORCH_DTYPES), help="override the dtype")
     args = p.parse_args(argv)
+    overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
+    if args.dtype:
+        overrides["dtype"] = jnp.dtype(args.dtype)
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)
@@ -336,7 +343,7 @@ def main(argv=None):
             print(f"time budget spent: not run {args.examples[i - 1 :]}", flush=True)
             break
         t0 = time.perf_counter()
-        examples.append(run_example(name, scale, reps, gpu))
+        examples.append(run_example(name, scale, reps, gpu, overrides))
         print(f"[{i}/{len(args.examples)}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.out:  # keep what is done if a later example fails or time runs out
             with open(args.out + ".json", "w") as fh:

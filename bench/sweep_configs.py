@@ -56,13 +56,21 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--only", choices=["fwd", "bwd"], default=None)
     p.add_argument("--out", default=None, help="path prefix for .json")
+    for key in GPU_SPACE:
+        p.add_argument(
+            "--" + key.replace("_", "-"), type=int, nargs="+", default=None,
+            help=f"restrict the GPU space's {key} to these values",
+        )  # fmt: skip
     args = p.parse_args(argv)
     gpu = any(d.platform == "gpu" for d in jax.devices())
     overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
     if args.dtype:
         overrides["dtype"] = jnp.dtype(args.dtype)
     case = EXAMPLES[args.example].case("seed" if gpu else "small", **overrides)
-    space = GPU_SPACE if gpu else CPU_SPACE
+    space = dict(GPU_SPACE) if gpu else dict(CPU_SPACE)
+    for key in GPU_SPACE:
+        if getattr(args, key) is not None:
+            space[key] = tuple(getattr(args, key))
     reps = args.reps or (20 if gpu else 1)
 
     ks = jax.random.split(jax.random.key(0), 4)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flexjax.block_mask import BlockMask, transpose_ordered
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
 from flexjax.mod_utils import noop_mask
-from pallas_kernels.configs import bwd_config, default_interpret, fwd_config
+from pallas_kernels.autotune import tune
+from pallas_kernels.configs import bwd_config, decode_config, default_interpret, fwd_config
 from pallas_kernels.flex_core import attention_fn
 from pallas_kernels.flex_fwd_triton import FwdStatic
 from pallas_kernels.mod_tracer import trace_mod
@@ -104,7 +105,13 @@ def flex_attention(
     kernel_options: block_m, block_n (compute tiles, powers of 2 dividing the
     BlockMask's block size), num_warps, num_stages; the same for the backward
     kernels as bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages;
-    interpret (default: True when there is no GPU).
+    decode (None: automatic, True, False): queries shorter than 128 rows
+    (within the BlockMask's first q block) run the split-KV decode kernel when
+    not differentiated, with decode_block_n, decode_splits, decode_num_warps,
+    decode_num_stages; autotune (time a space of forward and backward
+    configs for this call on first use and keep the fastest, cached on disk:
+    see `pallas_kernels.autotune`); interpret (default: True when there is
+    no GPU).
     """
     shape = check_qkv(query, key, value, enable_gqa)
     scale = check_scale(scale, shape.E)
@@ -112,6 +119,9 @@ def flex_attention(
     check_block_mask(block_mask, shape)
     options = dict(kernel_options or {})
     interpret = bool(options.pop("interpret", default_interpret()))
+    autotune = options.pop("autotune", False)
+    if not isinstance(autotune, bool):
+        raise ValueError(f"kernel_options['autotune'] must be True or False, got {autotune!r}")
     L, S = shape.L, shape.S
 
     if block_mask is None:
@@ -129,9 +139,14 @@ def flex_attention(
         mask_b_bcast = block_mask.kv_num_blocks.shape[0] == 1
         mask_h_bcast = block_mask.kv_num_blocks.shape[1] == 1
 
-    sizes = dict(head_dim=max(shape.E, shape.Ev), q_block_size=q_bs, kv_block_size=kv_bs)
-    cfg = fwd_config(q_len=L, interpret=interpret, options=options, **sizes)
-    bwd_cfg = bwd_config(interpret=interpret, options=options, **sizes)
+    sizes = dict(q_block_size=q_bs, kv_block_size=kv_bs, interpret=interpret, options=options)
+    head_dim = max(shape.E, shape.Ev)
+    cfg = fwd_config(head_dim=head_dim, dtype=query.dtype, q_len=L, **sizes)
+    bwd_cfg = bwd_config(head_dim=head_dim, dtype=query.dtype, **sizes)
+    dec_cfg = decode_config(
+        batch=shape.B, q_heads=shape.Hq, group_size=shape.group_size, q_len=L, kv_blocks=C,
+        mask_head_broadcast=mask_h_bcast, **sizes,
+    )  # fmt: skip
     score_prog, score_consts = (None, [])
     if score_mod is not None:
         score_prog, score_consts = trace_mod(score_mod, is_score_mod=True)
@@ -147,12 +162,21 @@ def flex_attention(
         score_mod=score_prog, mask_mod=mask_prog,
         has_partial=has_partial, has_full=has_full, interpret=interpret,
     )  # fmt: skip
-    Lp = -(-L // cfg.block_m) * cfg.block_m
     Ep, Evp = _head_dim_padded(shape.E), _head_dim_padded(shape.Ev)
+    if autotune:
+        # Timed on q padded to whole q blocks, so every candidate q tile fits.
+        sds = lambda *dims: jax.ShapeDtypeStruct(dims, query.dtype)
+        rows = tables[0].shape[2] * q_bs
+        cfg, bwd_cfg = tune(
+            st, sds(shape.B, shape.Hq, rows, Ep), sds(shape.Bkv, shape.Hkv, C * kv_bs, Ep),
+            sds(shape.Bkv, shape.Hkv, C * kv_bs, Evp), tables, score_consts, mask_consts,
+            fixed=options, L=L,
+        )  # fmt: skip
+    Lp = -(-L // cfg.block_m) * cfg.block_m
     q = _pad_axis(_pad_axis(query, 2, Lp), 3, Ep)
     k = _pad_axis(_pad_axis(key, 2, C * kv_bs), 3, Ep)
     v = _pad_axis(_pad_axis(value, 2, C * kv_bs), 3, Evp)
-    attention = attention_fn(st, cfg, bwd_cfg)
+    attention = attention_fn(st, cfg, bwd_cfg, dec_cfg)
     out, lse = attention(q, k, v, tables, score_consts, mask_consts)
     out = out[:, :, :L, : shape.Ev]
     if return_lse:

@@ -272,12 +272,30 @@ class BlockMask:
         return math.prod(self.shape)
 
     def sparsity(self) -> float:
-        """Percent of the padded mask's elements in blocks that are skipped (PyTorch's formula)."""
+        """100 * (1 - computed blocks' area / numel()): PyTorch's formula.
+
+        Blocks count whole, so with sequences shorter than a block this goes
+        negative, as in PyTorch; `density()` clips blocks to the sequences.
+        """
         computed = int(np.asarray(self.kv_num_blocks).sum(dtype=np.int64))
         if self.full_kv_num_blocks is not None:
             computed += int(np.asarray(self.full_kv_num_blocks).sum(dtype=np.int64))
         computed_size = computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1]
         return 100 * (1 - computed_size / self.numel())
+
+    def density(self) -> float:
+        """Fraction of the Q_LEN x KV_LEN scores inside computed blocks, edge blocks clipped.
+
+        The work the kernels do (1 - sparsity / 100 without the clipping);
+        the benchmarks count FLOPs with it. O(blocks), never O(Q_LEN x KV_LEN).
+        """
+        L, S = self.seq_lengths
+        q_bs, kv_bs = self.BLOCK_SIZE
+        visited = np.asarray(self.to_dense(), np.float64)  # [..., R, C]
+        rows = np.minimum(q_bs, L - q_bs * np.arange(visited.shape[-2]))
+        cols = np.minimum(kv_bs, S - kv_bs * np.arange(visited.shape[-1]))
+        area = np.einsum("...rc,r,c->...", visited, rows.clip(0), cols.clip(0))
+        return float(np.mean(area)) / (L * S)
 
     def to_dense(self) -> jax.Array:
         """[..., R, C] int32: 1 where a block is visited (partial or full), else 0."""

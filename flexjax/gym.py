@@ -120,6 +120,19 @@ def _slice_errors(case: Case, block_mask, q, k, v, dout, got) -> float:
 def run_example(
     name: str, scale: str, reps: int, show_picture: bool, tol: float, sizes: dict
 ) -> list[Row]:
+    rows = _run_example(name, scale, reps, show_picture, tol, sizes)
+    for r in rows:  # progress: each example's results as soon as they exist
+        err = r.note if r.max_err is None else f"max rel err {r.max_err:.1e}"
+        print(
+            f"    {r.impl}: FW {r.fw_ms:.3f} ms, FW+BW {r.bw_ms:.3f} ms, {err}: "
+            + ("ok" if r.ok else "FAIL")
+        )
+    return rows
+
+
+def _run_example(
+    name: str, scale: str, reps: int, show_picture: bool, tol: float, sizes: dict
+) -> list[Row]:
     case = EXAMPLES[name].case(scale, **sizes)
     print(f"\n=== {name}: {EXAMPLES[name].description}")
     print(
@@ -135,7 +148,10 @@ def run_example(
         )
         jax.block_until_ready(block_mask.kv_indices)
         print(f"    create_block_mask: {(time.perf_counter() - t0) * 1e3:.1f} ms (first call)")
-        print(f"    sparsity {block_mask.sparsity():.2f}%")
+        print(
+            f"    sparsity {block_mask.sparsity():.2f}% (PyTorch's formula); computes "
+            f"{100 * block_mask.density():.2f}% of the scores"
+        )
         if show_picture:
             print("    " + str(block_mask).replace("\n", "\n    "))
     else:

@@ -1,24 +1,64 @@
 """Default kernel configs, and kernel_options parsing.
 
-One heuristic function picks the compute tiles; the BlockMask's sparse block
-size is a separate idea (a compute tile must divide it). Numbers for the GPU
-follow the tile sizes PyTorch's FlexAttention uses on Hopper for the same head
-dims (128 x 64 tiles, 4 warps, 3 stages at D <= 64); they are starting points
-for the tuning of issue 7, not measurements of flexjax's own kernels yet.
+One heuristic function per kernel picks the compute tiles; the BlockMask's
+sparse block size is a separate idea (a compute tile must divide it). The GPU
+defaults are per (dtype, head dim) and come from `bench/sweep_configs.py` on
+an H100 (bench/results/sweep_*): the fastest config there, preferring fewer
+resources on near ties. `flexjax.autotune` can time a space of configs for a
+particular call instead.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.flex_bwd_triton import BwdConfig
+from pallas_kernels.flex_decode_triton import DecodeConfig
 from pallas_kernels.flex_fwd_triton import FwdConfig
 
-__all__ = ["KERNEL_OPTION_KEYS", "bwd_config", "default_interpret", "fwd_config"]
+__all__ = [
+    "KERNEL_OPTION_KEYS",
+    "bwd_config",
+    "decode_config",
+    "default_interpret",
+    "fwd_config",
+]
 
 FWD_OPTION_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
 BWD_OPTION_KEYS = ("bwd_block_m", "bwd_block_n", "bwd_num_warps", "bwd_num_stages")
-KERNEL_OPTION_KEYS = (*FWD_OPTION_KEYS, *BWD_OPTION_KEYS, "interpret")
+DECODE_OPTION_KEYS = (
+    "decode", "decode_block_n", "decode_splits", "decode_num_warps", "decode_num_stages",
+)  # fmt: skip
+KERNEL_OPTION_KEYS = (
+    *FWD_OPTION_KEYS, *BWD_OPTION_KEYS, *DECODE_OPTION_KEYS, "autotune", "interpret",
+)  # fmt: skip
+
+# (block_m, block_n, num_warps, num_stages) by (float32?, head dim bound); measured
+# choices cite bench/results/sweep_h100_2026-11-25.md, the others are untested guesses.
+_FWD_GPU = {
+    # noop fp16: 12.1 ms (best 64 x 128 w4 s2: 11.6); causal fp16: 6.33 ms (best 6.25, and
+    # 6.90 for 64 x 128 w4 s2): one default for both, the autotuner picks per call.
+    (False, 64): (128, 128, 4, 3),
+    (False, 128): (128, 64, 4, 2),  # causal bf16: 2.67 ms vs 3.58 for 128 x 32 w8 s2
+    (False, 256): (64, 32, 4, 2),
+    # float32 (IEEE products): 128 x 64 with 4 warps spills, 12x slower than 64 x 64.
+    (True, 64): (64, 64, 4, 2),
+    (True, 128): (64, 32, 4, 2),
+    (True, 256): (32, 32, 4, 1),
+}
+_BWD_GPU = {
+    (False, 64): (64, 64, 4, 2),  # causal fp16: 18.3 ms, within 1.5% of the best (128 x 64)
+    (False, 128): (64, 64, 4, 2),  # causal bf16: 7.8 ms; 9.8 with 1 stage, 20.3 with 8 warps
+    (False, 256): (32, 32, 4, 1),
+    (True, 64): (64, 64, 4, 2),
+    (True, 128): (32, 64, 4, 2),
+    (True, 256): (32, 32, 4, 1),
+}
+# Decode kernel: block_n, num_warps, num_stages.
+_DECODE_GPU = (64, 4, 3)
+# Queries shorter than this may take the decode kernel.
+DECODE_MAX_Q_LEN = 128
 
 
 def default_interpret() -> bool:
@@ -40,9 +80,18 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _gpu_default(table: dict, head_dim: int, dtype) -> tuple:
+    is_f32 = jnp.dtype(dtype) == jnp.float32
+    for bound in (64, 128, 256):
+        if head_dim <= bound:
+            return table[(is_f32, bound)]
+    return table[(is_f32, 256)]
+
+
 def fwd_config(
     *,
     head_dim: int,
+    dtype,
     q_len: int,
     q_block_size: int,
     kv_block_size: int,
@@ -54,12 +103,8 @@ def fwd_config(
     if interpret:
         # Few, large tiles keep interpret mode fast; nothing constrains the shapes.
         want_m, want_n, warps, stages = 64, 64, 4, 1
-    elif head_dim <= 64:
-        want_m, want_n, warps, stages = 128, 64, 4, 3
-    elif head_dim <= 128:
-        want_m, want_n, warps, stages = 128, 32, 8, 2
     else:
-        want_m, want_n, warps, stages = 64, 32, 4, 2
+        want_m, want_n, warps, stages = _gpu_default(_FWD_GPU, head_dim, dtype)
     # A q tile never needs to be longer than the (padded) query.
     want_m = min(want_m, max(16, _pow2_at_least(q_len)))
     cfg = FwdConfig(
@@ -73,17 +118,21 @@ def fwd_config(
 
 
 def bwd_config(
-    *, head_dim: int, q_block_size: int, kv_block_size: int, interpret: bool, options: dict | None
+    *,
+    head_dim: int,
+    dtype,
+    q_block_size: int,
+    kv_block_size: int,
+    interpret: bool,
+    options: dict | None,
 ) -> BwdConfig:
     """Tiles for the dq and dk/dv kernels (`bwd_*` kernel_options override them)."""
     options = dict(options or {})
     _check_keys(options)
-    if interpret or head_dim <= 64:
+    if interpret:
         want_m, want_n, warps, stages = 64, 64, 4, 2
-    elif head_dim <= 128:
-        want_m, want_n, warps, stages = 64, 64, 8, 2
     else:
-        want_m, want_n, warps, stages = 32, 32, 4, 1
+        want_m, want_n, warps, stages = _gpu_default(_BWD_GPU, head_dim, dtype)
     cfg = BwdConfig(
         block_m=options.get("bwd_block_m", _largest_pow2_divisor(q_block_size, want_m)),
         block_n=options.get("bwd_block_n", _largest_pow2_divisor(kv_block_size, want_n)),
@@ -92,6 +141,74 @@ def bwd_config(
     )
     _check_tiles(cfg, "bwd_", q_block_size, kv_block_size, interpret)
     return cfg
+
+
+def _sm_count() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except RuntimeError:
+        return 132
+
+
+def decode_config(
+    *,
+    batch: int,
+    q_heads: int,
+    group_size: int,
+    q_len: int,
+    q_block_size: int,
+    kv_block_size: int,
+    kv_blocks: int,
+    mask_head_broadcast: bool,
+    interpret: bool,
+    options: dict | None,
+) -> DecodeConfig | None:
+    """The split-KV decode kernel's config, or None when the regular forward should run.
+
+    kernel_options["decode"]: None/absent = automatic (queries shorter than
+    DECODE_MAX_Q_LEN that fit in the BlockMask's first q block), False = never,
+    True = required (an error if the query does not qualify).
+    """
+    options = dict(options or {})
+    _check_keys(options)
+    want = options.get("decode")
+    if want is not None and not isinstance(want, bool):
+        raise ValueError(f"kernel_options['decode'] must be True, False or None, got {want!r}")
+    if want is False:
+        return None
+    if q_len >= DECODE_MAX_Q_LEN or q_len > q_block_size:
+        if want:
+            raise ValueError(
+                "kernel_options['decode']=True needs a query shorter than "
+                f"{DECODE_MAX_Q_LEN} rows within the BlockMask's first q block "
+                f"(Q_LEN={q_len}, q BLOCK_SIZE={q_block_size})"
+            )
+        return None
+    # GQA packing: one program per kv head, its G query heads stacked as rows.
+    packed = (mask_head_broadcast or group_size == 1) and group_size * q_len <= 128
+    heads = group_size if packed else 1
+    rows = max(16, _pow2_at_least(heads * q_len))
+    if interpret:
+        block_n, warps, stages = 64, 4, 1
+    else:
+        block_n, warps, stages = _DECODE_GPU
+    block_n = options.get("decode_block_n", _largest_pow2_divisor(kv_block_size, block_n))
+    if kv_block_size % block_n or (not interpret and block_n < 16):
+        raise ValueError(
+            f"decode_block_n={block_n} must divide the BlockMask's kv BLOCK_SIZE "
+            f"({kv_block_size}) and be at least 16 on the GPU"
+        )
+    tiles = kv_blocks * (kv_block_size // block_n)
+    programs = batch * (q_heads // heads)
+    target = 4 if interpret else 2 * _sm_count()  # two waves of programs over the SMs
+    return DecodeConfig(
+        rows=rows,
+        block_n=block_n,
+        splits=options.get("decode_splits", max(1, min(tiles, -(-target // programs)))),
+        heads_per_program=heads,
+        num_warps=options.get("decode_num_warps", warps),
+        num_stages=options.get("decode_num_stages", stages),
+    )
 
 
 def _check_keys(options: dict) -> None:

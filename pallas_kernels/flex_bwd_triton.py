@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +43,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flex_fwd_triton import TRACE_COUNT, FwdStatic
-from pallas_kernels.score_tile import MASKED_SCORE, div_static, mods_on_tile, rem_static
+from pallas_kernels.score_tile import (
+    LOG2E,
+    MASKED_SCORE,
+    div_static,
+    exp2,
+    mods_on_tile,
+    rem_static,
+    scaled,
+    score_units,
+)
 
 __all__ = ["BwdConfig", "flex_bwd", "preprocess"]
-
-LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +133,8 @@ def _dq_kernel(
     q_idx = tile * cfg.block_m + lax.broadcasted_iota(jnp.int32, (cfg.block_m, 1), 0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
+    lse_base2 = lse * LOG2E
+    pre, to_base2 = score_units(st)
     prec = _precision(q.dtype)
     tiles_per_block = st.kv_block_size // cfg.block_n
 
@@ -134,11 +142,11 @@ def _dq_kernel(
         k = k_ref[pl.ds(start_n, cfg.block_n), :]
         v = v_ref[pl.ds(start_n, cfg.block_n), :]
         kv_idx = start_n + lax.broadcasted_iota(jnp.int32, (1, cfg.block_n), 1)
-        s = _dot(q, k.T, prec) * st.scale
+        s = scaled(_dot(q, k.T, prec), pre)
         s, _, pullback = mods_on_tile(
             s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots
         )
-        p = jnp.exp2((s - lse[:, None]) * LOG2E)
+        p = exp2(s * to_base2 - lse_base2[:, None], not st.interpret)
         dp = _dot(do, v.T, prec)
         ds, grads = pullback(p * (dp - delta[:, None]))
         # d_value has the shape of its index, already summed over the dims the
@@ -184,6 +192,7 @@ def _dkdv_kernel(
     start_n = tile * cfg.block_n
     kv_idx = start_n + lax.broadcasted_iota(jnp.int32, (cfg.block_n, 1), 0)
     k, v = k_ref[...], v_ref[...]
+    pre, to_base2 = score_units(st)
     prec = _precision(k.dtype)
     tiles_per_block = st.q_block_size // cfg.block_m
 
@@ -192,13 +201,13 @@ def _dkdv_kernel(
         rows = pl.ds(start_m, cfg.block_m)
         q = q_ref[g, rows, :]
         do = do_ref[g, rows, :]
-        lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+        lse_base2, delta = lse_ref[g, rows] * LOG2E, delta_ref[g, rows]
         q_idx = start_m + lax.broadcasted_iota(jnp.int32, (1, cfg.block_m), 1)
-        s = _dot(k, q.T, prec) * st.scale  # [BN, BM]
+        s = scaled(_dot(k, q.T, prec), pre)  # [BN, BM]
         s, _, pullback = mods_on_tile(
             s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots=()
         )
-        p = jnp.exp2((s - lse[None, :]) * LOG2E)
+        p = exp2(s * to_base2 - lse_base2[None, :], not st.interpret)
         dv = dv + _dot(p.astype(do.dtype), do, prec)
         dp = _dot(v, do.T, prec)
         ds, _ = pullback(p * (dp - delta[None, :]))

@@ -21,27 +21,42 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from pallas_kernels.flex_bwd_triton import BwdConfig, flex_bwd, preprocess
+from pallas_kernels.flex_decode_triton import DecodeConfig, flex_decode
 from pallas_kernels.flex_fwd_triton import FwdConfig, FwdStatic, flex_fwd
 
 __all__ = ["attention_fn"]
 
 
-def _pad_rows(x, rows: int, value=0.0):
+def _pad_rows(x, rows: int):
+    """Zero rows appended along axis 2 (the query axis of [B, H, L, ...])."""
     pad = [(0, 0)] * x.ndim
     pad[2] = (0, rows - x.shape[2])
-    return jnp.pad(x, pad, constant_values=value)
+    return jnp.pad(x, pad)
 
 
 @functools.lru_cache(maxsize=256)
-def attention_fn(st: FwdStatic, fwd_cfg: FwdConfig, bwd_cfg: BwdConfig):
+def attention_fn(
+    st: FwdStatic, fwd_cfg: FwdConfig, bwd_cfg: BwdConfig, decode_cfg: DecodeConfig | None = None
+):
     """The differentiable f(q, k, v, tables, score_consts, mask_consts) -> (out, lse).
 
     tables: the eight BlockMask tables (kv rows, full kv rows, q columns, full
-    q columns), int32. Shapes as in `flex_fwd`.
+    q columns), int32. Shapes as in `flex_fwd`. With decode_cfg, a call that
+    is not differentiated runs the split-KV decode kernel; under
+    differentiation the forward is always `flex_fwd` (its residuals feed the
+    backward).
     """
 
-    def forward(q, k, v, tables, score_consts, mask_consts):
+    def regular(q, k, v, tables, score_consts, mask_consts):
         return flex_fwd(q, k, v, tables[:4], score_consts, mask_consts, st=st, cfg=fwd_cfg)
+
+    def forward(q, k, v, tables, score_consts, mask_consts):
+        if decode_cfg is None:
+            return regular(q, k, v, tables, score_consts, mask_consts)
+        out, lse = flex_decode(
+            q, k, v, tables[:4], score_consts, mask_consts, st=st, cfg=decode_cfg
+        )
+        return _pad_rows(out, q.shape[2]), _pad_rows(lse, q.shape[2])
 
     attention = jax.custom_vjp(forward)
 
@@ -52,7 +67,7 @@ def attention_fn(st: FwdStatic, fwd_cfg: FwdConfig, bwd_cfg: BwdConfig):
         )
         float_consts = [jnp.issubdtype(c.value.dtype, jnp.floating) for c in score_consts]
         grad_slots = tuple(i for i, c in enumerate(score_consts) if c.perturbed and float_consts[i])
-        out, lse = forward(*values)
+        out, lse = regular(*values)
         return (out, lse), (values, out, lse, grad_slots)
 
     def bwd(res, cts):

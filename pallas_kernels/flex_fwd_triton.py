@@ -10,9 +10,11 @@ so they cost nothing.
 Softmax is online, in float32 and base 2: for each kv tile
     s      = scale * q k^T, then score_mod, then -inf where masked
     m_new  = max(m, rowmax(s))
-    p      = 2^((s - m_new) log2 e),  alpha = 2^((m - m_new) log2 e)
-    l      = alpha l + rowsum(p),      acc = alpha acc + p v
-and at the end out = acc / l, lse = m + ln l. A row that has seen nothing but
+    p      = 2^(s log2 e - m_new log2 e),  alpha = 2^(m log2 e - m_new log2 e)
+    l      = alpha l + rowsum(p),          acc = alpha acc + p v
+and at the end out = acc / l, lse = m + ln l. Written that way each p is one
+fused multiply-add and one `ex2`; with no score_mod the scale folds into the
+same multiply (`score_units`). A row that has seen nothing but
 -inf keeps m = -inf; we subtract 0 instead there so exp gives exact zeros, and
 the row ends with out = 0 and lse = -inf, never NaN.
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +34,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mod_tracer import ModProgram
-from pallas_kernels.score_tile import MASKED_SCORE, div_static, mods_on_tile, rem_static
+from pallas_kernels.score_tile import (
+    LOG2E,
+    MASKED_SCORE,
+    div_static,
+    exp2,
+    mods_on_tile,
+    rem_static,
+    scaled,
+    score_units,
+)
 
-__all__ = ["FwdConfig", "FwdStatic", "flex_fwd"]
-
-LOG2E = math.log2(math.e)
+__all__ = ["FwdConfig", "FwdStatic", "finish", "flex_fwd", "tile_step"]
 
 # Counts traces of the kernel body: tests use it to show that new captured
 # values do not retrace or recompile.
-TRACE_COUNT = {"fwd": 0, "dq": 0, "dkdv": 0}
+TRACE_COUNT = {"fwd": 0, "dq": 0, "dkdv": 0, "decode": 0}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,23 +93,37 @@ class FwdStatic:
     interpret: bool
 
 
-def _tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked):
-    """One kv tile of the online softmax. masked: apply mask_mod (partial block)."""
+def tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked):
+    """One kv tile of the online softmax (also the decode kernel's). masked: apply mask_mod.
+
+    m_i is the running row max in score units (see `score_units`).
+    """
     acc, m_i, l_i = carry
+    pre, to_base2 = score_units(st)
     # float32 inputs get float32 products (Triton's default for them is tf32).
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    s = jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32) * st.scale
+    s = scaled(jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32), pre)
     kv_idx = start_n + lax.broadcasted_iota(jnp.int32, (1, cfg.block_n), 1)
     s, _, _ = mods_on_tile(s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked)
 
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == MASKED_SCORE, 0.0, m_new)
-    p = jnp.exp2((s - m_safe[:, None]) * LOG2E)
-    alpha = jnp.exp2((m_i - m_safe) * LOG2E)
+    m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
+    on_gpu = not st.interpret
+    p = exp2(s * to_base2 - m_base2[:, None], on_gpu)
+    alpha = exp2(m_i * to_base2 - m_base2, on_gpu)
     l_new = alpha * l_i + jnp.sum(p, axis=1)
     pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_new
+
+
+def finish(carry, st: FwdStatic):
+    """(out, lse) of the online softmax's final state: 0 and -inf for rows that kept nothing."""
+    acc, m_i, l_i = carry
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    m_natural = jnp.where(m_i == MASKED_SCORE, 0.0, m_i) * (score_units(st)[1] / LOG2E)
+    return acc / l_safe[:, None], jnp.where(empty, MASKED_SCORE, m_natural + jnp.log(l_safe))
 
 
 def _fwd_kernel(
@@ -150,7 +172,7 @@ def _fwd_kernel(
             start_n = block * st.kv_block_size + sub * cfg.block_n
             k = k_ref[pl.ds(start_n, cfg.block_n), :]
             v = v_ref[pl.ds(start_n, cfg.block_n), :]
-            return _tile_step(
+            return tile_step(
                 q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked
             )
 
@@ -160,12 +182,9 @@ def _fwd_kernel(
         carry = walk(kv_num_ref, kv_idx_ref, True, carry)
     if st.has_full:
         carry = walk(full_num_ref, full_idx_ref, False, carry)
-    acc, m_i, l_i = carry
-    empty = l_i == 0.0
-    l_safe = jnp.where(empty, 1.0, l_i)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    m_safe = jnp.where(m_i == MASKED_SCORE, 0.0, m_i)
-    lse_ref[...] = jnp.where(empty, MASKED_SCORE, m_safe + jnp.log(l_safe))
+    out, lse = finish(carry, st)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("st", "cfg"))

@@ -14,11 +14,25 @@ care.
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mod_tracer import eval_mod, eval_score_mod_vjp
 
-__all__ = ["MASKED_SCORE", "div_static", "mods_on_tile", "rem_static"]
+__all__ = [
+    "LOG2E",
+    "MASKED_SCORE",
+    "div_static",
+    "exp2",
+    "mods_on_tile",
+    "rem_static",
+    "scaled",
+    "score_units",
+]
+
+LOG2E = math.log2(math.e)
 
 # The score of a masked element. -inf (not a large negative number) so that a
 # masked element contributes exactly 0 and a fully masked row is detectable.
@@ -32,6 +46,47 @@ def div_static(x, n: int):
 
 def rem_static(x, n: int):
     return jnp.zeros_like(x) if n == 1 else x % jnp.int32(n)
+
+
+def score_units(st) -> tuple[float, float]:
+    """(pre, to_base2): the kernels compute s = (q k^T) * pre, mod it, then exponentiate s * to_base2.
+
+    Softmax runs in base 2 (exp2). With a score_mod the mod must see the
+    natural score, so pre = scale and to_base2 = log2(e). Without one (and a
+    positive scale, so the row max commutes with scaling), both constants fold
+    into one multiply applied inside exp2's argument: pre = 1 and to_base2 =
+    scale * log2(e). Then `exp2(s * to_base2 - m * to_base2)` is one fused
+    multiply-add per score, and the raw scores need no separate scaling pass.
+    Natural units of a value x in score units: x * to_base2 / log2(e).
+    """
+    if st.score_mod is None and st.scale > 0:
+        return 1.0, st.scale * LOG2E
+    return st.scale, LOG2E
+
+
+def scaled(s, pre: float):
+    """Raw scores q k^T into score units: a multiply only when a score_mod needs one."""
+    return s if pre == 1.0 else s * pre
+
+
+def exp2(x, on_gpu: bool):
+    """2^x; on the GPU the one-instruction `ex2.approx.ftz.f32` (rel. error ~2^-22, -inf -> 0).
+
+    Pallas lowers jnp.exp2 to libdevice's __nv_exp2f; the instruction made
+    the noop forward 4% faster on an H100 (12.90 vs 13.39 ms, 2026-11-25).
+    """
+    if not on_gpu:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plgpu
+
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    )
+    return y
 
 
 def mods_on_tile(s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots=None):

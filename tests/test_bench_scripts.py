@@ -34,3 +34,19 @@ def test_config_sweep_times_and_checks_every_config(tmp_path):
     for r in rows:
         assert "failed" not in r, r
         assert r["ms"] > 0 and r["err"] < 1e-5
+
+
+def test_decode_benchmark_runs_every_row(tmp_path):
+    out = tmp_path / "decode"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "bench/bench_decode.py", "--out", str(out)]
+    cmd += ["--variants", '[{"decode_splits": 2}]']
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    saved = json.loads((tmp_path / "decode.json").read_text())
+    impls = [(r["impl"], r["mask"]) for r in saved["rows"]]
+    assert ("flexjax decode", "causal") in impls and ("flexjax regular", "none") in impls
+    assert ('flexjax decode {"decode_splits": 2}', "none") in impls
+    for r in saved["rows"]:
+        assert r["ms"] > 0
+        if r["check"] is not None:  # bf16 outputs against torch SDPA
+            assert r["check"] < 2e-2, r

@@ -191,3 +191,21 @@ def test_large_sequence_is_evaluated_in_bounded_chunks():
     # Row 40 (q 5120..5247) is in document 1 (4096..8191): kv blocks 32..39.
     assert kinds[40, 35] == 2 and kinds[40, 10] == 0 and kinds[40, 41] == 0
     assert kinds[100, 70] == 2 and kinds[100, 63] == 0
+
+
+def test_density_clips_edge_blocks_to_the_sequences():
+    """density() = fraction of the L x S scores in computed blocks; sparsity() counts whole blocks."""
+    # Shorter than one block: PyTorch's sparsity goes negative, density is 1.
+    tiny = fj.create_block_mask(lambda b, h, q, kv: q >= 0, 1, 1, 12, 9)
+    assert tiny.sparsity() < 0
+    assert tiny.density() == pytest.approx(1.0)
+    # Causal, 100 x 100 in 32-blocks: the diagonal blocks count whole (clipped at the edge).
+    causal = fj.create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 100, 100, BLOCK_SIZE=32)
+    sizes = np.array([32, 32, 32, 4])
+    want = sum(sizes[r] * sizes[c] for r in range(4) for c in range(r + 1)) / 100**2
+    assert causal.density() == pytest.approx(want)
+    # Per-head masks average over heads.
+    per_head = fj.create_block_mask(
+        lambda b, h, q, kv: (h == 0) | (kv < 32), 1, 2, 64, 64, BLOCK_SIZE=32
+    )
+    assert per_head.density() == pytest.approx((1.0 + 0.5) / 2)
