@@ -4,7 +4,7 @@ One heuristic function per kernel picks the compute tiles; the BlockMask's
 sparse block size is a separate idea (a compute tile must divide it). The GPU
 defaults are per (dtype, head dim) and come from `bench/sweep_configs.py` on
 an H100 (bench/results/sweep_*): the fastest config there, preferring fewer
-resources on near ties. `flexjax.autotune` can time a space of configs for a
+resources on near ties. `pallas_kernels.autotune` can time a space of configs for a
 particular call instead.
 """
 
