@@ -291,3 +291,28 @@ def test_captured_array_gradients_on_gpu(dtype):
     )  # fmt: skip
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     assert_grads_close(ours, ref, dtype, tol=tol)
+
+
+@pytest.mark.parametrize("scale", [0.7, -0.3, 0.0])
+@pytest.mark.parametrize("with_score_mod", [False, True])
+def test_any_scale_forward_and_backward(scale, with_score_mod):
+    """The kernels fold a positive scale into exp2's argument when there is no score_mod;
+    a negative or zero scale (and any scale with a score_mod) takes the unfolded path."""
+    L, S = 70, 90
+    q, k, v = random_qkv(40, 1, 2, L, S, 16)
+    bm = fj.create_block_mask(lambda b, h, qi, ki: qi + 20 >= ki, 1, 1, L, S, BLOCK_SIZE=32)
+    score_mod = (lambda s, b, h, qi, ki: s + 0.01 * (qi - ki)) if with_score_mod else None
+    kw = dict(score_mod=score_mod, block_mask=bm, scale=scale)
+
+    def loss(attend):
+        def f(q, k, v):
+            out, lse = attend(q, k, v, return_lse=True, **kw)
+            return jnp.sum(out * v[:, :, :L]) + 0.5 * jnp.sum(lse)
+
+        return f
+
+    got = jax.value_and_grad(loss(fj.flex_attention), (0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss(flex_attention_reference), (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
