@@ -147,20 +147,23 @@ def _timing_inputs(st, q, k, v, tables, score_consts, mask_consts):
 
 
 def _dense_walk_tables(st, tables):
-    """Tables of the same shapes in which every block is visited once."""
+    """Tables of the same shapes in which every block is visited once.
+
+    The visits go to the partial tables when the call has partial blocks (a
+    mask_mod to evaluate), else to the full ones (no block mask).
+    """
+
+    def visit_all(num, idx, visit: bool):
+        n = idx.shape[-1]
+        return (
+            jnp.full(num.shape, n if visit else 0, jnp.int32),
+            jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape),
+        )
+
     out = []
     for i in (0, 4):  # row tables, then column tables
-        num, idx = tables[i].shape, tables[i + 1].shape
-        n = idx[-1]
-        walk = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx)
-        some = jnp.full(num, n, jnp.int32)
-        none = jnp.zeros(num, jnp.int32)
-        partial = st.has_partial
-        out += [some if partial else none, walk]
-        full_idx = tables[i + 3].shape
-        out += [none if partial else some, jnp.broadcast_to(walk[..., :1], full_idx)]
-        if not partial:
-            out[-1] = jnp.broadcast_to(jnp.arange(full_idx[-1], dtype=jnp.int32), full_idx)
+        out += visit_all(tables[i], tables[i + 1], st.has_partial)
+        out += visit_all(tables[i + 2], tables[i + 3], not st.has_partial)
     return out
 
 

@@ -106,3 +106,31 @@ def test_gpu_autotune_causal(cache_dir):
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=2e-2, rtol=2e-2)
     entries = json.loads((cache_dir / "autotune.json").read_text()).values()
     assert all(len(e["tried"]) >= 8 for e in entries)
+
+
+def test_dense_walk_visits_every_block_of_the_tables_it_stands_for():
+    """With traced tables the search walks every block: partial ones, or full ones without a mask."""
+    from flexjax.api import _full_tables
+    from pallas_kernels.flex_fwd_triton import FwdStatic
+
+    def static(has_partial):
+        return FwdStatic(
+            L=300, S=200, Hq=1, group_size=1, kv_batch_broadcast=False,
+            mask_batch_broadcast=True, mask_head_broadcast=True, q_block_size=128,
+            kv_block_size=128, scale=1.0, score_mod=None, mask_mod=None,
+            has_partial=has_partial, has_full=True, interpret=True,
+        )  # fmt: skip
+
+    tables, C = _full_tables(300, 200, 128, 128)  # R = 3 rows, C = 2 columns
+    walk = autotune._dense_walk_tables(static(False), tables)
+    assert [t.shape for t in walk] == [t.shape for t in tables]
+    assert (np.asarray(walk[0]) == 0).all() and (np.asarray(walk[2]) == C).all()
+    assert (np.asarray(walk[4]) == 0).all() and (np.asarray(walk[6]) == 3).all()
+    np.testing.assert_array_equal(np.asarray(walk[3])[0, 0, 0], np.arange(C))
+
+    bm = fj.create_block_mask(causal, 1, 1, 300, 200, BLOCK_SIZE=128)
+    from flexjax.api import _block_mask_tables
+
+    walk = autotune._dense_walk_tables(static(True), _block_mask_tables(bm))
+    assert (np.asarray(walk[0]) == C).all() and (np.asarray(walk[2]) == 0).all()
+    assert (np.asarray(walk[4]) == 3).all() and (np.asarray(walk[6]) == 0).all()
