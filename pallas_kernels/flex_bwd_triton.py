@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flex_fwd_triton import TRACE_COUNT, FwdStatic
+from pallas_kernels.flex_fwd_triton import TRACE_COUNT, FwdStatic, check_config, compiler_params
 from pallas_kernels.score_tile import (
     LOG2E,
     MASKED_SCORE,
@@ -67,12 +67,9 @@ class BwdConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "num_warps"):
-            v = getattr(self, name)
-            if v <= 0 or v & (v - 1):
-                raise ValueError(f"bwd_{name}={v} must be a power of 2")
-        if self.num_stages < 1:
-            raise ValueError(f"bwd_num_stages={self.num_stages} must be >= 1")
+        check_config(
+            self, "bwd_", pow2=("block_m", "block_n", "num_warps"), positive=("num_stages",)
+        )
 
 
 def preprocess(out, dout, lse, dlse, L: int, rows: int):
@@ -246,14 +243,6 @@ def _dkdv_kernel(
 # ----------------------------------------------------------------------------
 
 
-def _compiler_params(st, cfg):
-    if st.interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 @functools.partial(jax.jit, static_argnames=("st", "cfg", "grad_slots"))
 def flex_bwd(
     q, k, v, do, lse, delta, tables, score_consts, mask_consts, *,
@@ -303,7 +292,7 @@ def flex_bwd(
         out_specs=[q_tile(E), *[whole(z) for z in zeros]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *zeros],
         input_output_aliases={n_in + i: 1 + i for i in range(len(zeros))},
-        compiler_params=_compiler_params(st, cfg),
+        compiler_params=compiler_params(st, cfg),
         interpret=st.interpret,
         name="flex_bwd_dq",
     )(q, k, v, do, lse, delta, *tables[:4], *consts, *zeros)
@@ -334,7 +323,7 @@ def flex_bwd(
             jax.ShapeDtypeStruct((B, Hkv, Sp, E), jnp.float32 if Bkv < B else k.dtype),
             jax.ShapeDtypeStruct((B, Hkv, Sp, Ev), jnp.float32 if Bkv < B else v.dtype),
         ],
-        compiler_params=_compiler_params(st, cfg),
+        compiler_params=compiler_params(st, cfg),
         interpret=st.interpret,
         name="flex_bwd_dkdv",
     )(q, k, v, do, lse, delta, *tables[4:], *consts)

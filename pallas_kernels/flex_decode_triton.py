@@ -34,7 +34,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flex_fwd_triton import TRACE_COUNT, FwdStatic, finish, tile_step
+from pallas_kernels.flex_fwd_triton import (
+    TRACE_COUNT,
+    FwdStatic,
+    check_config,
+    compiler_params,
+    finish,
+    tile_step,
+)
 from pallas_kernels.score_tile import MASKED_SCORE, div_static, rem_static
 
 __all__ = ["DecodeConfig", "combine", "flex_decode"]
@@ -52,13 +59,10 @@ class DecodeConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("rows", "block_n", "num_warps"):
-            v = getattr(self, name)
-            if v <= 0 or v & (v - 1):
-                raise ValueError(f"decode {name}={v} must be a power of 2")
-        for name in ("splits", "heads_per_program", "num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"decode {name}={getattr(self, name)} must be >= 1")
+        check_config(
+            self, "decode_", pow2=("rows", "block_n", "num_warps"),
+            positive=("splits", "heads_per_program", "num_stages"),
+        )  # fmt: skip
 
 
 def _decode_kernel(
@@ -146,11 +150,6 @@ def flex_decode(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cf
     kernel = functools.partial(
         _decode_kernel, st=st, cfg=cfg, n_score=len(score_consts), n_mask=len(mask_consts)
     )
-    compiler_params = None
-    if not st.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o_part, lse_part = pl.pallas_call(
         kernel,
         grid=(cfg.splits, B, HP),
@@ -170,7 +169,7 @@ def flex_decode(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cf
             jax.ShapeDtypeStruct((B, HP, cfg.splits, cfg.rows, Ev), jnp.float32),
             jax.ShapeDtypeStruct((B, HP, cfg.splits, cfg.rows), jnp.float32),
         ],
-        compiler_params=compiler_params,
+        compiler_params=compiler_params(st, cfg),
         interpret=st.interpret,
         name="flex_decode",
     )(qp, k, v, *tables, *score_consts, *mask_consts)

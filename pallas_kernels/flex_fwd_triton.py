@@ -45,7 +45,15 @@ from pallas_kernels.score_tile import (
     score_units,
 )
 
-__all__ = ["FwdConfig", "FwdStatic", "finish", "flex_fwd", "tile_step"]
+__all__ = [
+    "FwdConfig",
+    "FwdStatic",
+    "check_config",
+    "compiler_params",
+    "finish",
+    "flex_fwd",
+    "tile_step",
+]
 
 # Counts traces of the kernel body: tests use it to show that new captured
 # values do not retrace or recompile.
@@ -62,14 +70,27 @@ class FwdConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            v = getattr(self, name)
-            if v <= 0 or v & (v - 1):
-                raise ValueError(f"{name}={v} must be a power of 2")
-        if self.num_warps <= 0 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps={self.num_warps} must be a power of 2")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        check_config(self, "", pow2=("block_m", "block_n", "num_warps"), positive=("num_stages",))
+
+
+def check_config(cfg, prefix: str, pow2: tuple, positive: tuple) -> None:
+    """Validate a kernel config's fields, naming them as kernel_options does (prefix + name)."""
+    for name in pow2:
+        v = getattr(cfg, name)
+        if v <= 0 or v & (v - 1):
+            raise ValueError(f"{prefix}{name}={v} must be a power of 2")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{prefix}{name}={getattr(cfg, name)} must be >= 1")
+
+
+def compiler_params(st, cfg):
+    """Triton launch parameters of a kernel config (None in interpret mode)."""
+    if st.interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,11 +239,6 @@ def flex_fwd(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cfg: 
     kernel = functools.partial(
         _fwd_kernel, st=st, cfg=cfg, n_score=len(score_consts), n_mask=len(mask_consts)
     )
-    compiler_params = None
-    if not st.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return pl.pallas_call(
         kernel,
         grid=(n_tiles, B, Hq),
@@ -232,7 +248,7 @@ def flex_fwd(q, k, v, tables, score_consts, mask_consts, *, st: FwdStatic, cfg: 
             jax.ShapeDtypeStruct((B, Hq, Lp, Ev), q.dtype),
             jax.ShapeDtypeStruct((B, Hq, Lp), jnp.float32),
         ],
-        compiler_params=compiler_params,
+        compiler_params=compiler_params(st, cfg),
         interpret=st.interpret,
         name="flex_fwd",
     )(q, k, v, *tables, *score_consts, *mask_consts)
