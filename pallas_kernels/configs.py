@@ -37,10 +37,10 @@ KERNEL_OPTION_KEYS = (
 # (block_m, block_n, num_warps, num_stages) by (float32?, head dim bound); measured
 # choices cite bench/results/sweep_h100_2026-11-25.md, the others are untested guesses.
 _FWD_GPU = {
-    # noop fp16: 12.1 ms (best 64 x 128 w4 s2: 11.6); causal fp16: 6.33 ms (best 6.25, and
-    # 6.90 for 64 x 128 w4 s2): one default for both, the autotuner picks per call.
+    # With the carried-start walk (the sweep's last section): noop fp16 11.95 ms (best
+    # 128 x 64 s4: 11.83), causal fp16 6.25 (best 6.19); torch's own choice too.
     (False, 64): (128, 128, 4, 3),
-    (False, 128): (128, 64, 4, 2),  # causal bf16: 2.67 ms vs 3.58 for 128 x 32 w8 s2
+    (False, 128): (128, 64, 4, 2),  # causal bf16: 2.80 ms vs 3.20 at 3 stages
     (False, 256): (64, 32, 4, 2),
     # float32 (IEEE products): 128 x 64 with 4 warps spills, 12x slower than 64 x 64.
     (True, 64): (64, 64, 4, 2),
@@ -48,8 +48,8 @@ _FWD_GPU = {
     (True, 256): (32, 32, 4, 1),
 }
 _BWD_GPU = {
-    (False, 64): (64, 64, 4, 2),  # causal fp16: 18.3 ms, within 1.5% of the best (128 x 64)
-    (False, 128): (64, 64, 4, 2),  # causal bf16: 7.8 ms; 9.8 with 1 stage, 20.3 with 8 warps
+    (False, 64): (64, 64, 4, 2),  # causal fp16: 18.8 ms, 128 x 64 s2 17.9 in one run
+    (False, 128): (64, 64, 4, 2),  # causal bf16: 7.8 ms; 9.4 with 3 stages, 20.3 with 8 warps
     (False, 256): (32, 32, 4, 1),
     (True, 64): (64, 64, 4, 2),
     (True, 128): (32, 64, 4, 2),

@@ -42,14 +42,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.block_walk import walk_tiles
 from pallas_kernels.flex_fwd_triton import TRACE_COUNT, FwdStatic, check_config, compiler_params
 from pallas_kernels.score_tile import (
     LOG2E,
     MASKED_SCORE,
     div_static,
-    exp2,
+    exp2_fma,
     mods_on_tile,
-    rem_static,
     scaled,
     score_units,
 )
@@ -143,7 +143,7 @@ def _dq_kernel(
         s, _, pullback = mods_on_tile(
             s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots
         )
-        p = exp2(s * to_base2 - lse_base2[:, None], not st.interpret)
+        p = exp2_fma(s, to_base2, lse_base2[:, None], not st.interpret)
         dp = _dot(do, v.T, prec)
         ds, grads = pullback(p * (dp - delta[:, None]))
         # d_value has the shape of its index, already summed over the dims the
@@ -153,12 +153,11 @@ def _dq_kernel(
         return dq + _dot(ds.astype(k.dtype), k, prec)
 
     def walk(num_ref, idx_ref, masked, dq):
-        def body(it, dq):
-            block = idx_ref[bm, hm, row, div_static(it, tiles_per_block)]
-            start_n = block * st.kv_block_size + rem_static(it, tiles_per_block) * cfg.block_n
-            return step(start_n, dq, masked)
-
-        return lax.fori_loop(0, num_ref[bm, hm, row] * tiles_per_block, body, dq)
+        body = lambda start_n, dq: step(start_n, dq, masked)
+        n_tiles = num_ref[bm, hm, row] * tiles_per_block
+        return walk_tiles(
+            idx_ref, (bm, hm, row), 0, n_tiles, st.kv_block_size, cfg.block_n, body, dq
+        )
 
     dq = jnp.zeros(q.shape, jnp.float32)
     if st.has_partial:
@@ -204,7 +203,7 @@ def _dkdv_kernel(
         s, _, pullback = mods_on_tile(
             s, b, h, q_idx, kv_idx, st, score_refs, mask_refs, masked, grad_slots=()
         )
-        p = exp2(s * to_base2 - lse_base2[None, :], not st.interpret)
+        p = exp2_fma(s, to_base2, lse_base2[None, :], not st.interpret)
         dv = dv + _dot(p.astype(do.dtype), do, prec)
         dp = _dot(v, do.T, prec)
         ds, _ = pullback(p * (dp - delta[None, :]))
@@ -214,12 +213,10 @@ def _dkdv_kernel(
     def walk(g, h, num_ref, idx_ref, masked, carry):
         hm = 0 if st.mask_head_broadcast else h
 
-        def body(it, carry):
-            block = idx_ref[bm, hm, col, div_static(it, tiles_per_block)]
-            start_m = block * st.q_block_size + rem_static(it, tiles_per_block) * cfg.block_m
-            return step(g, h, start_m, carry, masked)
-
-        return lax.fori_loop(0, num_ref[bm, hm, col] * tiles_per_block, body, carry)
+        body = lambda start_m, carry: step(g, h, start_m, carry, masked)
+        n_tiles = num_ref[bm, hm, col] * tiles_per_block
+        lead = (bm, hm, col)
+        return walk_tiles(idx_ref, lead, 0, n_tiles, st.q_block_size, cfg.block_m, body, carry)
 
     def head(g, carry):
         h = hkv * st.group_size + g

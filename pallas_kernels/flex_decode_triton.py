@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.block_walk import walk_tiles
 from pallas_kernels.flex_fwd_triton import (
     TRACE_COUNT,
     FwdStatic,
@@ -99,16 +100,15 @@ def _decode_kernel(
     )
 
     def walk(idx_ref, first, last, masked, carry):
-        def body(it, carry):
-            block = idx_ref[bm, hm, 0, div_static(it, tiles_per_block)]
-            start_n = block * st.kv_block_size + rem_static(it, tiles_per_block) * cfg.block_n
+        def body(start_n, carry):
             k = k_ref[pl.ds(start_n, cfg.block_n), :]
             v = v_ref[pl.ds(start_n, cfg.block_n), :]
             return tile_step(
                 q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked
             )
 
-        return lax.fori_loop(first, last, body, carry)
+        lead = (bm, hm, 0)
+        return walk_tiles(idx_ref, lead, first, last, st.kv_block_size, cfg.block_n, body, carry)
 
     if st.has_partial:
         carry = walk(kv_idx_ref, lo, jnp.minimum(hi, n_part), True, carry)

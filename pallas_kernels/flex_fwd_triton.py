@@ -5,7 +5,8 @@ its q tile twice: first the *partial* kv blocks (`kv_num_blocks`,
 `kv_indices`), where it applies score_mod and then mask_mod element by element;
 then the *full* blocks, where every element is kept, so mask_mod is skipped
 (that is the whole point of separating them). Empty blocks are never listed,
-so they cost nothing.
+so they cost nothing. The loop over a row's tiles is `block_walk.walk_tiles`
+(the tile start carried through the loop, so K/V loads pipeline fully).
 
 Softmax is online, in float32 and base 2: for each kv tile
     s      = scale * q k^T, then score_mod, then -inf where masked
@@ -13,10 +14,11 @@ Softmax is online, in float32 and base 2: for each kv tile
     p      = 2^(s log2 e - m_new log2 e),  alpha = 2^(m log2 e - m_new log2 e)
     l      = alpha l + rowsum(p),          acc = alpha acc + p v
 and at the end out = acc / l, lse = m + ln l. Written that way each p is one
-fused multiply-add and one `ex2`; with no score_mod the scale folds into the
-same multiply (`score_units`). A row that has seen nothing but
--inf keeps m = -inf; we subtract 0 instead there so exp gives exact zeros, and
-the row ends with out = 0 and lse = -inf, never NaN.
+fused multiply-add and one `ex2` (`exp2_fma`, inline asm on the GPU); with
+no score_mod the scale folds into the same multiply (`score_units`). A row
+that has seen nothing but -inf keeps m = -inf; we subtract 0 instead there
+so exp gives exact zeros, and the row ends with out = 0 and lse = -inf,
+never NaN.
 
 Kernels take plain arrays and a frozen config, never a BlockMask. Padding:
 q rows to a multiple of the q tile, k/v rows to the BlockMask's kv extent;
@@ -33,14 +35,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.block_walk import walk_tiles
 from pallas_kernels.mod_tracer import ModProgram
 from pallas_kernels.score_tile import (
     LOG2E,
     MASKED_SCORE,
     div_static,
     exp2,
+    exp2_fma,
     mods_on_tile,
-    rem_static,
     scaled,
     score_units,
 )
@@ -130,7 +133,7 @@ def tile_step(q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_re
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
     on_gpu = not st.interpret
-    p = exp2(s * to_base2 - m_base2[:, None], on_gpu)
+    p = exp2_fma(s, to_base2, m_base2[:, None], on_gpu)
     alpha = exp2(m_i * to_base2 - m_base2, on_gpu)
     l_new = alpha * l_i + jnp.sum(p, axis=1)
     pv = jnp.dot(p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
@@ -181,23 +184,18 @@ def _fwd_kernel(
         jnp.full((cfg.block_m,), MASKED_SCORE, jnp.float32),
         jnp.zeros((cfg.block_m,), jnp.float32),
     )
-    tiles_per_block = st.kv_block_size // cfg.block_n
 
     def walk(num_ref, idx_ref, masked, carry):
-        n_blocks = num_ref[bm, hm, row]
-
-        def body(it, carry):
-            j = div_static(it, tiles_per_block)
-            sub = rem_static(it, tiles_per_block)
-            block = idx_ref[bm, hm, row, j]
-            start_n = block * st.kv_block_size + sub * cfg.block_n
+        def body(start_n, carry):
             k = k_ref[pl.ds(start_n, cfg.block_n), :]
             v = v_ref[pl.ds(start_n, cfg.block_n), :]
             return tile_step(
                 q, k, v, carry, start_n, q_idx, b, h, st, cfg, score_refs, mask_refs, masked
             )
 
-        return lax.fori_loop(0, n_blocks * tiles_per_block, body, carry)
+        n_tiles = num_ref[bm, hm, row] * (st.kv_block_size // cfg.block_n)
+        lead = (bm, hm, row)
+        return walk_tiles(idx_ref, lead, 0, n_tiles, st.kv_block_size, cfg.block_n, body, carry)
 
     if st.has_partial:
         carry = walk(kv_num_ref, kv_idx_ref, True, carry)

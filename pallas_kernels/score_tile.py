@@ -15,6 +15,7 @@ care.
 from __future__ import annotations
 
 import math
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ __all__ = [
     "MASKED_SCORE",
     "div_static",
     "exp2",
+    "exp2_fma",
     "mods_on_tile",
     "rem_static",
     "scaled",
@@ -77,14 +79,34 @@ def exp2(x, on_gpu: bool):
     """
     if not on_gpu:
         return jnp.exp2(x)
+    return _inline_asm("ex2.approx.ftz.f32 $0, $1;", "=f,f", x)
+
+
+def exp2_fma(s, c: float, sub, on_gpu: bool):
+    """2^(s * c - sub) for a score tile s, a static c and sub broadcast over s's rows or columns.
+
+    On the GPU this is written as one `fma.rn.f32` and one `ex2.approx.ftz.f32`
+    in inline asm: the Triton pipeline behind Pallas keeps `s * c - sub` as a
+    separate multiply and add (ncu on an H100 showed FMUL + FADD and no FFMA
+    per score, where torch's kernel has one FFMA), and this is the softmax's
+    innermost expression.
+    """
+    if not on_gpu:
+        return jnp.exp2(s * c - sub)
+    c_bits = struct.unpack("<I", struct.pack("<f", c))[0]
+    asm = f"{{ .reg .f32 t; fma.rn.f32 t, $1, 0f{c_bits:08X}, $2; ex2.approx.ftz.f32 $0, t; }}"
+    return _inline_asm(asm, "=f,f,f", s, jnp.broadcast_to(-sub, s.shape))
+
+
+def _inline_asm(asm: str, constraints: str, *args):
     from jax.experimental.pallas import triton as plgpu
 
     [y] = plgpu.elementwise_inline_asm(
-        "ex2.approx.ftz.f32 $0, $1;",
-        args=[x],
-        constraints="=f,f",
+        asm,
+        args=list(args),
+        constraints=constraints,
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)],
     )
     return y
 
