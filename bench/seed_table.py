@@ -20,7 +20,9 @@ density. check: flexjax's out, dq, dk, dv against torch FlexAttention's (max
 error / max magnitude); F.sdpa + mask against FlexAttention where comparable.
 
 Timing: torch with triton.testing.do_bench (CUDA events, median); JAX with the
-median of synchronised repetitions after a warm-up. Backward alone: torch
+median of synchronised repetitions after a warm-up. With --timer loop, both
+libraries the same way instead (back-to-back calls, one sync; bench/timing.py
+says how the two differ). Backward alone: torch
 `out.backward(dout, retain_graph=True)`, JAX the jitted pullback of `jax.vjp`.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/seed_table.py \\
@@ -49,7 +51,7 @@ from torch.nn.attention import flex_attention as tfa
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import torch_twins  # noqa: E402
-from timing import time_jax, time_torch  # noqa: E402
+from timing import time_jax, time_loop_jax, time_loop_torch, time_torch  # noqa: E402
 
 import flexjax as fj  # noqa: E402
 from flexjax.examples import EXAMPLES  # noqa: E402
@@ -67,26 +69,33 @@ def rel_err(ours, theirs) -> float:
     return (ours - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-6)
 
 
-def torch_row(name, fwd_fn, inputs, dout, reps, gpu, backward=True):
+# Which timers the rows use: "default" (torch do_bench, JAX synchronised calls) or
+# "loop" (both libraries timed the same way: back-to-back calls, one sync; see timing.py).
+TIMERS = {"default": (time_torch, time_jax), "loop": (time_loop_torch, time_loop_jax)}
+
+
+def torch_row(name, fwd_fn, inputs, dout, reps, gpu, backward=True, timer="default"):
     """(fw_ms, bw_ms, out, grads) of a torch attention callable."""
+    timed = TIMERS[timer][0]
     if not backward:  # torch's CPU flex_attention refuses inputs that require grad
         inputs = tuple(x.detach() for x in inputs)
         with torch.no_grad():
-            fw = time_torch(lambda: fwd_fn(*inputs), reps, gpu)
+            fw = timed(lambda: fwd_fn(*inputs), reps, gpu)
             return fw, None, fwd_fn(*inputs), None
-    fw = time_torch(lambda: fwd_fn(*inputs), reps, gpu)
+    fw = timed(lambda: fwd_fn(*inputs), reps, gpu)
     out = fwd_fn(*inputs)
-    bw = time_torch(lambda: out.backward(dout, retain_graph=True), reps, gpu, inputs)
+    bw = timed(lambda: out.backward(dout, retain_graph=True), reps, gpu, inputs)
     grads = torch.autograd.grad(out, inputs, dout)
     return fw, bw, out.detach(), grads
 
 
-def jax_row(attend, q, k, v, dout, reps):
+def jax_row(attend, q, k, v, dout, reps, timer="default"):
+    timed = TIMERS[timer][1]
     kern = jax.jit(attend)
-    fw = time_jax(lambda: kern(q, k, v), reps)
+    fw = timed(lambda: kern(q, k, v), reps)
     out, pullback = jax.vjp(attend, q, k, v)
     bwd = jax.jit(lambda pullback, dout: pullback(dout))
-    bw = time_jax(lambda: bwd(pullback, dout), reps)
+    bw = timed(lambda: bwd(pullback, dout), reps)
     return fw, bw, out, bwd(pullback, dout)
 
 
@@ -112,7 +121,7 @@ def cudnn_attend(name, case):
     return attend
 
 
-def run_example(name, scale, reps, gpu, overrides=None):
+def run_example(name, scale, reps, gpu, overrides=None, timer="default"):
     case = EXAMPLES[name].case(scale, **(overrides or {}))
     dev = "cuda" if gpu else "cpu"
     dtype = TORCH_DTYPES[jnp.dtype(case.dtype).name]
@@ -149,15 +158,19 @@ def run_example(name, scale, reps, gpu, overrides=None):
 
     if L == S:
         sdpa_causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        fw, bw, _, _ = torch_row(name, sdpa_causal, (q, k, v), dout, reps, gpu)
+        fw, bw, _, _ = torch_row(name, sdpa_causal, (q, k, v), dout, reps, gpu, timer=timer)
         add("causal FA2", fw, bw, causal_density, None, "speed reference, not this mask")
     sdpa_mask = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    fw, bw, sdpa_out, sdpa_grads = torch_row(name, sdpa_mask, (q, k, v), dout, reps, gpu)
+    fw, bw, sdpa_out, sdpa_grads = torch_row(
+        name, sdpa_mask, (q, k, v), dout, reps, gpu, timer=timer
+    )
 
     torch._dynamo.reset()  # past its recompile limit torch falls back to a dense eager path
     flex = torch.compile(tfa.flex_attention, dynamic=False) if gpu else tfa.flex_attention
     flex_fn = lambda q, k, v: flex(q, k, v, score_mod=score_twin, block_mask=t_bm)
-    t_fw, t_bw, t_out, t_grads = torch_row(name, flex_fn, (q, k, v), dout, reps, gpu, backward=gpu)
+    t_fw, t_bw, t_out, t_grads = torch_row(
+        name, flex_fn, (q, k, v), dout, reps, gpu, backward=gpu, timer=timer
+    )
     sdpa_check = None
     if case.sdpa_comparable:
         sdpa_check = rel_err(sdpa_out, t_out)
@@ -172,13 +185,13 @@ def run_example(name, scale, reps, gpu, overrides=None):
     cudnn = cudnn_attend(name, case) if gpu else None
     if cudnn is not None:
         try:
-            fw, bw, _, _ = jax_row(cudnn, jq, jk, jv, jdout, reps)
+            fw, bw, _, _ = jax_row(cudnn, jq, jk, jv, jdout, reps, timer)
             # causal_bias is a causal mask written as a score_mod: cuDNN computes it causally.
             add("jax cuDNN", fw, bw, causal_density if name == "causal_bias" else density, None)
         except Exception as e:  # an unsupported cuDNN configuration is a row, not a crash
             add("jax cuDNN", None, None, density, None, f"failed: {type(e).__name__}")
     attend = lambda q, k, v: fj.flex_attention(q, k, v, case.score_mod, bm)
-    fw, bw, out, grads = jax_row(attend, jq, jk, jv, jdout, reps)
+    fw, bw, out, grads = jax_row(attend, jq, jk, jv, jdout, reps, timer)
     check = rel_err(out, t_out)
     if t_grads is not None:
         check = max([check] + [rel_err(a, b) for a, b in zip(grads, t_grads, strict=True)])
@@ -201,6 +214,11 @@ def markdown(meta, examples):
         "density. check: max error / max magnitude vs torch FlexAttention (out and grads).",
         "",
     ]
+    if meta.get("timer") == "loop":
+        lines += [
+            "Timer: loop (both libraries: back-to-back calls, one sync, median of 3 loops).",
+            "",
+        ]
     if meta.get("note"):
         lines += [f"**{meta['note']}**", ""]
     for ex in examples:
@@ -320,6 +338,10 @@ def main(argv=None):
     for dim in ("B", "H", "S", "D"):
         p.add_argument(f"--{dim}", type=int, default=None, help=f"override the examples' {dim}")
     p.add_argument("--dtype", default=None, choices=list(TORCH_DTYPES), help="override the dtype")
+    p.add_argument(
+        "--timer", choices=list(TIMERS), default="default",
+        help="default: torch do_bench, JAX synchronised calls; loop: both back to back",
+    )  # fmt: skip
     args = p.parse_args(argv)
     overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
     if args.dtype:
@@ -335,7 +357,7 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
     scale = args.scale if args.scale != "auto" else ("seed" if gpu else "small")
     reps = args.reps or (20 if gpu else 1)
-    meta = meta_info(scale, gpu)
+    meta = dict(meta_info(scale, gpu), timer=args.timer)
     examples = []
     t_start = time.perf_counter()
     for i, name in enumerate(args.examples, 1):
@@ -343,7 +365,7 @@ def main(argv=None):
             print(f"time budget spent: not run {args.examples[i - 1 :]}", flush=True)
             break
         t0 = time.perf_counter()
-        examples.append(run_example(name, scale, reps, gpu, overrides))
+        examples.append(run_example(name, scale, reps, gpu, overrides, args.timer))
         print(f"[{i}/{len(args.examples)}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.out:  # keep what is done if a later example fails or time runs out
             with open(args.out + ".json", "w") as fh:

@@ -50,3 +50,22 @@ def test_decode_benchmark_runs_every_row(tmp_path):
         assert r["ms"] > 0
         if r["check"] is not None:  # bf16 outputs against torch SDPA
             assert r["check"] < 2e-2, r
+
+
+def test_loop_timers_run_every_call_and_clear_gradients():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import jax.numpy as jnp
+    import torch
+    from timing import time_loop_jax, time_loop_torch
+
+    x = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def backward():
+        assert x.grad is None  # cleared before every call, as do_bench does
+        (x * 2).sum().backward()
+        calls.append(1)
+
+    ms = time_loop_torch(backward, reps=4, gpu=False, grads=(x,))
+    assert ms > 0 and len(calls) == 1 + 3 * 4  # a warm-up, then three loops of 4
+    assert time_loop_jax(lambda: jnp.ones(4) * 2, reps=3) > 0
