@@ -149,10 +149,9 @@ def main(argv=None):
 
     if not torch.cuda.is_available() or jax.devices()[0].platform != "gpu":
         sys.exit("bench_compile_memory.py needs a CUDA GPU seen by both JAX and torch")
-    from seed_table import meta_info
+    from report import meta_info, write_report
 
     meta = meta_info("seed", True)
-    meta["command"] = " ".join(["bench/bench_compile_memory.py", *sys.argv[1:]])
     results = []
     for name in args.examples:
         row = dict(example=name, flexjax=_run_worker("jax", name), torch=_run_worker("torch", name))
@@ -183,13 +182,7 @@ def main(argv=None):
             f"| {cell(f, 'new_mod_s', 1, '.1f')} | {cell(t, 'new_mod_s', 1, '.1f')} "
             f"| {cell(f, 'peak_bytes', gib, '.2f')} | {cell(t, 'peak_bytes', gib, '.2f')} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out + ".md", "w") as fh:
-            fh.write(text)
-        with open(args.out + ".json", "w") as fh:
-            json.dump(dict(meta=meta, results=results), fh, indent=2)
+    write_report(args.out, "\n".join(lines) + "\n", dict(meta=meta, results=results))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from seed_table import meta_info, rel_err
+from report import meta_info, write_report
+from seed_table import rel_err
 from timing import time_jax, time_torch
 from torch.nn.attention import flex_attention as tfa
 
@@ -102,7 +102,6 @@ def main(argv=None):
             add(impl, mask, time_jax(lambda attend=attend: attend(jq, jk, jv), reps), check)
 
     meta = meta_info("decode", gpu)
-    meta["command"] = " ".join(["bench/bench_decode.py", *sys.argv[1:]])
     shape = dict(B=B, Hq=Hq, Hkv=Hkv, Q_LEN=L, KV_LEN=S, D=D, dtype="bfloat16")
     lines = [
         f"# Decoding: {meta['gpu']}, {meta['date']}",
@@ -121,13 +120,7 @@ def main(argv=None):
         lines.append(
             f"| {r['impl']} | {r['mask']} | {r['ms']:.3f} | {r['tb_per_s']:.2f} | {check} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out + ".md", "w") as fh:
-            fh.write(text)
-        with open(args.out + ".json", "w") as fh:
-            json.dump(dict(meta=meta, shape=shape, rows=rows), fh, indent=2)
+    write_report(args.out, "\n".join(lines) + "\n", dict(meta=meta, shape=shape, rows=rows))
 
 
 if __name__ == "__main__":

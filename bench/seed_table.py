@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -51,6 +50,7 @@ from torch.nn.attention import flex_attention as tfa
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import torch_twins  # noqa: E402
+from report import meta_info  # noqa: E402
 from timing import time_jax, time_loop_jax, time_loop_torch, time_torch  # noqa: E402
 
 import flexjax as fj  # noqa: E402
@@ -305,24 +305,6 @@ def chart(meta, examples, path):
     fig.suptitle(f"{meta['gpu']}, {meta['scale']} sizes, {meta['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def meta_info(scale, gpu):
-    driver = "-"
-    if gpu:
-        q = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        driver = subprocess.run(q, capture_output=True, text=True).stdout.strip() or "-"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
-    return dict(
-        gpu=torch.cuda.get_device_name() if gpu else "CPU (interpret mode)",
-        driver=driver, jax=jax.__version__, torch=torch.__version__, triton=triton_version,
-        date=time.strftime("%Y-%m-%d"), scale=scale, command=" ".join(["bench/seed_table.py", *sys.argv[1:]]),
-    )  # fmt: skip
 
 
 def main(argv=None):
