@@ -18,7 +18,7 @@ from pallas_kernels.autotune import tune
 from pallas_kernels.configs import bwd_config, decode_config, default_interpret, fwd_config
 from pallas_kernels.flex_core import attention_fn
 from pallas_kernels.flex_fwd_triton import FwdStatic
-from pallas_kernels.mod_tracer import trace_mod
+from pallas_kernels.mod_tracer import mod_loads, trace_mod
 
 __all__ = ["flex_attention"]
 
@@ -104,7 +104,9 @@ def flex_attention(
 
     kernel_options: block_m, block_n (compute tiles, powers of 2 dividing the
     BlockMask's block size), num_warps, num_stages; the same for the backward
-    kernels as bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages;
+    kernels as bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages
+    (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the
+    dq kernel uses transposed, so each must divide both block sizes);
     decode (None: automatic, True, False): queries shorter than 128 rows
     (within the BlockMask's first q block) run the split-KV decode kernel when
     not differentiated, with decode_block_n, decode_splits, decode_num_warps,
@@ -139,20 +141,24 @@ def flex_attention(
         mask_b_bcast = block_mask.kv_num_blocks.shape[0] == 1
         mask_h_bcast = block_mask.kv_num_blocks.shape[1] == 1
 
-    sizes = dict(q_block_size=q_bs, kv_block_size=kv_bs, interpret=interpret, options=options)
-    head_dim = max(shape.E, shape.Ev)
-    cfg = fwd_config(head_dim=head_dim, dtype=query.dtype, q_len=L, **sizes)
-    bwd_cfg = bwd_config(head_dim=head_dim, dtype=query.dtype, **sizes)
-    dec_cfg = decode_config(
-        batch=shape.B, q_heads=shape.Hq, group_size=shape.group_size, q_len=L, kv_blocks=C,
-        mask_head_broadcast=mask_h_bcast, **sizes,
-    )  # fmt: skip
     score_prog, score_consts = (None, [])
     if score_mod is not None:
         score_prog, score_consts = trace_mod(score_mod, is_score_mod=True)
     mask_prog, mask_consts = (None, [])
     if mask_mod is not None:
         mask_prog, mask_consts = trace_mod(mask_mod, is_score_mod=False)
+
+    head_dim = max(shape.E, shape.Ev)
+    sizes = dict(
+        q_block_size=q_bs, kv_block_size=kv_bs, interpret=interpret, options=options,
+        head_dim=head_dim, dtype=query.dtype, loads=mod_loads(score_prog) + mod_loads(mask_prog),
+    )  # fmt: skip
+    cfg = fwd_config(q_len=L, **sizes)
+    bwd_cfg = bwd_config(**sizes)
+    dec_cfg = decode_config(
+        batch=shape.B, q_heads=shape.Hq, group_size=shape.group_size, q_len=L, kv_blocks=C,
+        mask_head_broadcast=mask_h_bcast, **sizes,
+    )  # fmt: skip
 
     st = FwdStatic(
         L=L, S=S, Hq=shape.Hq, group_size=shape.group_size,

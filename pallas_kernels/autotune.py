@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.configs import tiles_divide
 from pallas_kernels.flex_bwd_triton import BwdConfig, flex_bwd, preprocess
 from pallas_kernels.flex_fwd_triton import FwdConfig, FwdStatic, flex_fwd
 
@@ -115,12 +116,13 @@ def _write_file(key: str, entry: dict) -> None:
         )
 
 
-def _candidates(space: dict, fixed: dict, q_bs: int, kv_bs: int, q_len: int, interpret: bool):
+def _candidates(space, fixed, q_bs, kv_bs, q_len, interpret, both_ways=False):
+    """The space's configs that the block sizes allow (both_ways: the backward's)."""
     keys = list(space)
     values = [(fixed[k],) if k in fixed else space[k] for k in keys]
     for combo in itertools.product(*values):
         c = dict(zip(keys, combo, strict=True))
-        if q_bs % c["block_m"] or kv_bs % c["block_n"]:
+        if not tiles_divide(c["block_m"], c["block_n"], q_bs, kv_bs, both_ways):
             continue
         if c["block_m"] > max(16, q_len) * 2 and "block_m" not in fixed:
             continue  # a q tile much longer than the query is padding
@@ -238,7 +240,7 @@ def tune(st: FwdStatic, q, k, v, tables, score_consts, mask_consts, fixed: dict,
         delta, lse_b = preprocess(out, dout, lse, None, st.L, rows)
         pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, rows - x.shape[2]), (0, 0)])
         tq_b, dout_b = pad(tq), pad(dout)
-        cands = _candidates(space["bwd"], bwd_fixed, q_bs, kv_bs, L, st.interpret)
+        cands = _candidates(space["bwd"], bwd_fixed, q_bs, kv_bs, L, st.interpret, both_ways=True)
         best, ms, tried = _search(
             "backward", cands, lambda c: BwdConfig(**c),
             lambda cfg: flex_bwd(

@@ -10,12 +10,15 @@ particular call instead.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flex_bwd_triton import BwdConfig
 from pallas_kernels.flex_decode_triton import DecodeConfig
 from pallas_kernels.flex_fwd_triton import FwdConfig
+from pallas_kernels.mod_tracer import NO_LOADS, ModLoads
 
 __all__ = [
     "KERNEL_OPTION_KEYS",
@@ -55,6 +58,12 @@ _BWD_GPU = {
     (True, 128): (32, 64, 4, 2),
     (True, 256): (32, 32, 4, 1),
 }
+# A mod that gathers from captured arrays at least this often per element (or gathers
+# a whole [BM, BN] tile) takes 64 x 64 forward tiles at head dims 65..128: jagged
+# (4 gathers) bf16 D=128 B=4 H=16 ran 2.31 ms at 128 x 64 s2 and 1.21 at 64 x 64 s2
+# (sweep_h100_2026-11-26.md); document (2 gathers) is fastest at 128 x 64.
+_GATHER_HEAVY = 4
+_FWD_GPU_GATHER_HEAVY_128 = (64, 64, 4, 2)
 # Decode kernel: block_n, num_warps, num_stages.
 _DECODE_GPU = (64, 4, 3)
 # Queries shorter than this may take the decode kernel.
@@ -67,6 +76,52 @@ def default_interpret() -> bool:
         return not any(d.platform == "gpu" for d in jax.devices())
     except RuntimeError:
         return True
+
+
+# Shared memory one program may use, by compute capability (Triton's limit: the
+# opt-in maximum per block); other GPUs get the smallest of these.
+_SMEM_BYTES = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
+_SMEM_FALLBACK = 101376
+
+
+def smem_limit() -> int:
+    """Bytes of shared memory a kernel program may use on this process's first GPU."""
+    try:
+        major, minor = (int(x) for x in str(jax.devices()[0].compute_capability).split("."))
+    except (AttributeError, RuntimeError, ValueError):
+        return _SMEM_FALLBACK
+    return _SMEM_BYTES.get((major, minor), _SMEM_FALLBACK)
+
+
+def _shrink_to_fit(tiles: tuple, smem_bytes, limit: int, given: tuple) -> tuple:
+    """Lower what the caller did not give -- stages first (one at a time), then
+    block_n, then block_m (halved) -- until smem_bytes(block_m, block_n, stages)
+    fits `limit`; the tiles unchanged if no such config exists.
+
+    tiles and given: (block_m, block_n, num_stages) and which of them came
+    from kernel_options. The estimates count each streamed tile num_stages
+    deep (K and V, or Q and dO, plus the mods' [BM, BN] gathers) and the
+    stationary tiles once: exact for plain tiles (the 128 x 128 backward at 3
+    stages, D=128: 262144 B, as Triton reports) and high for gathers (Triton
+    buffers some of those fewer times), so it errs towards a config that compiles.
+    """
+    bm, bn, stages = tiles
+    while smem_bytes(bm, bn, stages) > limit:
+        if stages > 1 and not given[2]:
+            stages -= 1
+        elif bn > 16 and not given[1]:
+            bn //= 2
+        elif bm > 16 and not given[0]:
+            bm //= 2
+        else:  # the caller's own tiles cannot fit: Triton will say so about them
+            return tiles
+    return bm, bn, stages
+
+
+def tiles_divide(block_m: int, block_n: int, q_bs: int, kv_bs: int, both_ways: bool) -> bool:
+    """block_m | q_bs and block_n | kv_bs, and with both_ways also transposed."""
+    ok = q_bs % block_m == 0 and kv_bs % block_n == 0
+    return ok and (not both_ways or (q_bs % block_n == 0 and kv_bs % block_m == 0))
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -97,7 +152,9 @@ def fwd_config(
     kv_block_size: int,
     interpret: bool,
     options: dict | None,
+    loads: ModLoads = NO_LOADS,
 ) -> FwdConfig:
+    """The forward kernel's config; loads: what the call's mods gather (mod_loads)."""
     options = dict(options or {})
     _check_keys(options)
     if interpret:
@@ -105,13 +162,30 @@ def fwd_config(
         want_m, want_n, warps, stages = 64, 64, 4, 1
     else:
         want_m, want_n, warps, stages = _gpu_default(_FWD_GPU, head_dim, dtype)
+        heavy = loads.tile_bytes > 0 or loads.vector_loads >= _GATHER_HEAVY
+        if heavy and 64 < head_dim <= 128 and jnp.dtype(dtype) != jnp.float32:
+            want_m, want_n, warps, stages = _FWD_GPU_GATHER_HEAVY_128
     # A q tile never needs to be longer than the (padded) query.
     want_m = min(want_m, max(16, _pow2_at_least(q_len)))
+    tiles = (
+        options.get("block_m", _largest_pow2_divisor(q_block_size, want_m)),
+        options.get("block_n", _largest_pow2_divisor(kv_block_size, want_n)),
+        options.get("num_stages", stages),
+    )
+    if not interpret:
+        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize  # bytes of one q/k/v row
+
+        def smem(bm, bn, st):  # K and V streamed, Q stationary
+            return st * (2 * bn * row + bm * bn * loads.tile_bytes) + bm * row
+
+        given = tuple(k in options for k in ("block_m", "block_n", "num_stages"))
+        tiles = _shrink_to_fit(tiles, smem, smem_limit(), given)
+    block_m, block_n, stages = tiles
     cfg = FwdConfig(
-        block_m=options.get("block_m", _largest_pow2_divisor(q_block_size, want_m)),
-        block_n=options.get("block_n", _largest_pow2_divisor(kv_block_size, want_n)),
+        block_m=block_m,
+        block_n=block_n,
         num_warps=options.get("num_warps", warps),
-        num_stages=options.get("num_stages", stages),
+        num_stages=stages,
     )
     _check_tiles(cfg, "", q_block_size, kv_block_size, interpret)
     return cfg
@@ -125,6 +199,7 @@ def bwd_config(
     kv_block_size: int,
     interpret: bool,
     options: dict | None,
+    loads: ModLoads = NO_LOADS,
 ) -> BwdConfig:
     """Tiles for the dq and dk/dv kernels (`bwd_*` kernel_options override them)."""
     options = dict(options or {})
@@ -133,13 +208,28 @@ def bwd_config(
         want_m, want_n, warps, stages = 64, 64, 4, 2
     else:
         want_m, want_n, warps, stages = _gpu_default(_BWD_GPU, head_dim, dtype)
-    cfg = BwdConfig(
-        block_m=options.get("bwd_block_m", _largest_pow2_divisor(q_block_size, want_m)),
-        block_n=options.get("bwd_block_n", _largest_pow2_divisor(kv_block_size, want_n)),
-        num_warps=options.get("bwd_num_warps", warps),
-        num_stages=options.get("bwd_num_stages", stages),
+    both = math.gcd(q_block_size, kv_block_size)  # the tiles serve both ways round
+    tiles = (
+        options.get("bwd_block_m", _largest_pow2_divisor(both, want_m)),
+        options.get("bwd_block_n", _largest_pow2_divisor(both, want_n)),
+        options.get("bwd_num_stages", stages),
     )
-    _check_tiles(cfg, "bwd_", q_block_size, kv_block_size, interpret)
+    if not interpret:
+        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize
+
+        def smem(bm, bn, st):  # both kernels stream two bm-row tiles past two bn-row ones
+            return st * (2 * bm * row + bm * bn * loads.tile_bytes) + 2 * bn * row
+
+        given = tuple(f"bwd_{k}" in options for k in ("block_m", "block_n", "num_stages"))
+        tiles = _shrink_to_fit(tiles, smem, smem_limit(), given)
+    block_m, block_n, stages = tiles
+    cfg = BwdConfig(
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=options.get("bwd_num_warps", warps),
+        num_stages=stages,
+    )
+    _check_tiles(cfg, "bwd_", q_block_size, kv_block_size, interpret, both_ways=True)
     return cfg
 
 
@@ -160,8 +250,11 @@ def decode_config(
     kv_block_size: int,
     kv_blocks: int,
     mask_head_broadcast: bool,
+    head_dim: int,
+    dtype,
     interpret: bool,
     options: dict | None,
+    loads: ModLoads = NO_LOADS,
 ) -> DecodeConfig | None:
     """The split-KV decode kernel's config, or None when the regular forward should run.
 
@@ -193,6 +286,15 @@ def decode_config(
     else:
         block_n, warps, stages = _DECODE_GPU
     block_n = options.get("decode_block_n", _largest_pow2_divisor(kv_block_size, block_n))
+    stages = options.get("decode_num_stages", stages)
+    if not interpret:
+        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize
+
+        def smem(bm, bn, st):  # K and V streamed under the stationary packed query rows
+            return st * (2 * bn * row + bm * bn * loads.tile_bytes) + bm * row
+
+        given = (True, "decode_block_n" in options, "decode_num_stages" in options)
+        _, block_n, stages = _shrink_to_fit((rows, block_n, stages), smem, smem_limit(), given)
     if kv_block_size % block_n or (not interpret and block_n < 16):
         raise ValueError(
             f"decode_block_n={block_n} must divide the BlockMask's kv BLOCK_SIZE "
@@ -207,7 +309,7 @@ def decode_config(
         splits=options.get("decode_splits", max(1, min(tiles, -(-target // programs)))),
         heads_per_program=heads,
         num_warps=options.get("decode_num_warps", warps),
-        num_stages=options.get("decode_num_stages", stages),
+        num_stages=stages,
     )
 
 
@@ -219,13 +321,17 @@ def _check_keys(options: dict) -> None:
         )
 
 
-def _check_tiles(cfg, prefix: str, q_block_size: int, kv_block_size: int, interpret: bool):
+def _check_tiles(cfg, prefix, q_block_size, kv_block_size, interpret, both_ways=False):
+    """both_ways: the tiles are also used transposed (the backward's dq kernel)."""
     block_m, block_n = cfg.block_m, cfg.block_n
     names = f"{prefix}block_m={block_m}, {prefix}block_n={block_n}"
-    if q_block_size % block_m or kv_block_size % block_n:
+    sizes = (q_block_size, kv_block_size)
+    if not tiles_divide(block_m, block_n, *sizes, both_ways):
+        which = "both of the" if both_ways else "the"
         raise ValueError(
-            f"kernel tiles ({names}) must divide the BlockMask's "
+            f"kernel tiles ({names}) must each divide {which} BlockMask's "
             f"BLOCK_SIZE ({q_block_size}, {kv_block_size})"
+            + (" (the dq kernel uses them transposed)" if both_ways else "")
         )
     if not interpret and min(block_m, block_n) < 16:
         raise ValueError(

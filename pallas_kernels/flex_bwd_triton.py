@@ -61,8 +61,11 @@ __all__ = ["BwdConfig", "flex_bwd", "preprocess"]
 class BwdConfig:
     """Tiles and launch parameters shared by the dq and dk/dv kernels."""
 
-    block_m: int  # q rows per tile
-    block_n: int  # kv rows per tile
+    # As in torch's template (BLOCK_M1 = BLOCK_N2, BLOCK_N1 = BLOCK_M2), the two
+    # kernels use the tiles transposed: each keeps a block_n-row tile resident
+    # and streams block_m-row tiles past it.
+    block_m: int  # dk/dv: q rows streamed;   dq: kv rows streamed
+    block_n: int  # dk/dv: kv rows resident;  dq: q rows resident
     num_warps: int = 4
     num_stages: int = 2
 
@@ -261,20 +264,21 @@ def flex_bwd(
     n_score, n_mask = len(score_consts), len(mask_consts)
     kv_b = (lambda b: 0) if st.kv_batch_broadcast else (lambda b: b)
 
-    # dq: grid (q tile, batch, query head).
+    # dq: grid (q tile, batch, query head), the tiles transposed (see BwdConfig).
+    dq_cfg = dataclasses.replace(cfg, block_m=cfg.block_n, block_n=cfg.block_m)
     zeros = [jnp.zeros(score_consts[i].shape, jnp.float32) for i in grad_slots]
     dq_kernel = functools.partial(
-        _dq_kernel, st=st, cfg=cfg, n_score=n_score, n_mask=n_mask, grad_slots=grad_slots
+        _dq_kernel, st=st, cfg=dq_cfg, n_score=n_score, n_mask=n_mask, grad_slots=grad_slots
     )
-    q_tile = lambda d: pl.BlockSpec((None, None, cfg.block_m, d), lambda t, b, h: (b, h, t, 0))
-    row_tile = pl.BlockSpec((None, None, cfg.block_m), lambda t, b, h: (b, h, t))
+    q_tile = lambda d: pl.BlockSpec((None, None, dq_cfg.block_m, d), lambda t, b, h: (b, h, t, 0))
+    row_tile = pl.BlockSpec((None, None, dq_cfg.block_m), lambda t, b, h: (b, h, t))
     kv_all = lambda d: pl.BlockSpec(
         (None, None, Sp, d), lambda t, b, h: (kv_b(b), div_static(h, G), 0, 0)
     )
     n_in = 10 + len(consts)
     dq, *const_grads = pl.pallas_call(
         dq_kernel,
-        grid=(Lb // cfg.block_m, B, Hq),
+        grid=(Lb // dq_cfg.block_m, B, Hq),
         in_specs=[
             q_tile(E),
             kv_all(E),

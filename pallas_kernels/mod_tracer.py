@@ -31,6 +31,7 @@ raises `ModTraceError` naming the mod and the operation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,7 +41,16 @@ from jax.extend import core as jex_core
 
 from pallas_kernels.approx_math import tanh_approx_p
 
-__all__ = ["ModProgram", "ModTraceError", "eval_mod", "eval_score_mod_vjp", "trace_mod"]
+__all__ = [
+    "NO_LOADS",
+    "ModLoads",
+    "ModProgram",
+    "ModTraceError",
+    "eval_mod",
+    "eval_score_mod_vjp",
+    "mod_loads",
+    "trace_mod",
+]
 
 
 class ModTraceError(TypeError):
@@ -401,6 +411,61 @@ def _as_tile(out, out_shape):
         out = out[()]
     out = jnp.asarray(out)
     return jnp.broadcast_to(out, out_shape) if out.shape != out_shape else out
+
+
+# --------------------------------------------------------------------------
+# What a program loads, for choosing kernel tiles.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModLoads:
+    """The gathers one evaluation of a mod makes from its captured arrays, on a tile.
+
+    tile_bytes: bytes per score element of the gathers whose index varies with
+    both q_idx and kv_idx (`table[q_idx - kv_idx]`): each is a [BM, BN] load
+    per tile, and Triton's pipeliner buffers it in shared memory next to K
+    and V, num_stages deep. vector_loads: gathers indexed by q_idx or kv_idx
+    alone (`document_id[q_idx]`), [BM, 1] or [1, BN] per tile.
+    """
+
+    tile_bytes: int = 0
+    vector_loads: int = 0
+
+    def __add__(self, other: ModLoads) -> ModLoads:
+        return ModLoads(self.tile_bytes + other.tile_bytes, self.vector_loads + other.vector_loads)
+
+
+NO_LOADS = ModLoads()
+
+
+class _ShapeRef:
+    """Stands in for a hoisted ref outside a kernel: records each gather's shape."""
+
+    def __init__(self, dtype, sink: list):
+        self.dtype, self.sink = jnp.dtype(dtype), sink
+
+    def __getitem__(self, flat):
+        shape = jnp.shape(flat)
+        self.sink.append((shape, self.dtype.itemsize))
+        return jnp.zeros(shape, self.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def mod_loads(program: ModProgram | None) -> ModLoads:
+    """Evaluate `program` abstractly on a [2, 3] tile and classify its gathers."""
+    if program is None:
+        return NO_LOADS
+    sink: list = []
+    refs = [_ShapeRef(dtype, sink) for dtype in program.const_dtypes]
+    i32 = jnp.int32
+    args = (i32(0), i32(0), jnp.zeros((2, 1), i32), jnp.zeros((1, 3), i32))
+    if program.is_score_mod:
+        args = (jnp.zeros((2, 3), jnp.float32), *args)
+    jax.eval_shape(lambda: eval_mod(program, refs, args, (2, 3), on_gpu=False))
+    tile = sum(size for shape, size in sink if shape == (2, 3))
+    vectors = sum(1 for shape, _ in sink if shape in ((2, 1), (1, 3)))
+    return ModLoads(tile, vectors)
 
 
 @jax.custom_jvp

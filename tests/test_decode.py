@@ -72,7 +72,8 @@ def test_decode_per_head_mask_takes_one_head_per_program():
     bm = fj.create_block_mask(per_head_window, 1, 4, L, S, BLOCK_SIZE=32)
     cfg = decode_config(
         batch=2, q_heads=4, group_size=2, q_len=L, q_block_size=32, kv_block_size=32,
-        kv_blocks=8, mask_head_broadcast=False, interpret=True, options=None,
+        kv_blocks=8, mask_head_broadcast=False, head_dim=16, dtype=jnp.float32,
+        interpret=True, options=None,
     )  # fmt: skip
     assert cfg.heads_per_program == 1
     check(q, k, v, None, bm, {"decode": True, "decode_splits": 3})

@@ -229,6 +229,12 @@ def test_backward_kernel_options():
     assert_grads_close(ours, ref, jnp.float32)
     with pytest.raises(ValueError, match="bwd_block_m=48"):
         flex_attention(q, k, v, block_mask=bm, kernel_options=dict(bwd_block_m=48))
+    # The dq kernel uses the tiles transposed: each must divide both block sizes.
+    bm_32_64 = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=(32, 64))
+    with pytest.raises(ValueError, match="bwd_block_n=64.*transposed"):
+        flex_attention(q, k, v, block_mask=bm_32_64, kernel_options=dict(bwd_block_n=64))
+    ours, ref = grads_both(q, k, v, block_mask=bm_32_64)  # default tiles fit both ways
+    assert_grads_close(ours, ref, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- GPU
