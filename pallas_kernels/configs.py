@@ -118,6 +118,23 @@ def _shrink_to_fit(tiles: tuple, smem_bytes, limit: int, given: tuple) -> tuple:
     return bm, bn, stages
 
 
+def _row_bytes(head_dim: int, dtype) -> int:
+    return _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize  # one padded q/k/v row
+
+
+def _forward_smem(head_dim: int, dtype, loads: ModLoads):
+    """Shared-memory estimate of the forward and decode kernels: K and V streamed
+    (block_n rows) beside the mods' tile gathers, the q rows (block_m) resident."""
+    row = _row_bytes(head_dim, dtype)
+    return lambda bm, bn, st: st * (2 * bn * row + bm * bn * loads.tile_bytes) + bm * row
+
+
+def _backward_smem(head_dim: int, dtype, loads: ModLoads):
+    """Both backward kernels stream two block_m-row tiles past two resident block_n-row ones."""
+    row = _row_bytes(head_dim, dtype)
+    return lambda bm, bn, st: st * (2 * bm * row + bm * bn * loads.tile_bytes) + 2 * bn * row
+
+
 def tiles_divide(block_m: int, block_n: int, q_bs: int, kv_bs: int, both_ways: bool) -> bool:
     """block_m | q_bs and block_n | kv_bs, and with both_ways also transposed."""
     ok = q_bs % block_m == 0 and kv_bs % block_n == 0
@@ -173,12 +190,8 @@ def fwd_config(
         options.get("num_stages", stages),
     )
     if not interpret:
-        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize  # bytes of one q/k/v row
-
-        def smem(bm, bn, st):  # K and V streamed, Q stationary
-            return st * (2 * bn * row + bm * bn * loads.tile_bytes) + bm * row
-
         given = tuple(k in options for k in ("block_m", "block_n", "num_stages"))
+        smem = _forward_smem(head_dim, dtype, loads)
         tiles = _shrink_to_fit(tiles, smem, smem_limit(), given)
     block_m, block_n, stages = tiles
     cfg = FwdConfig(
@@ -215,12 +228,8 @@ def bwd_config(
         options.get("bwd_num_stages", stages),
     )
     if not interpret:
-        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize
-
-        def smem(bm, bn, st):  # both kernels stream two bm-row tiles past two bn-row ones
-            return st * (2 * bm * row + bm * bn * loads.tile_bytes) + 2 * bn * row
-
         given = tuple(f"bwd_{k}" in options for k in ("block_m", "block_n", "num_stages"))
+        smem = _backward_smem(head_dim, dtype, loads)
         tiles = _shrink_to_fit(tiles, smem, smem_limit(), given)
     block_m, block_n, stages = tiles
     cfg = BwdConfig(
@@ -287,13 +296,9 @@ def decode_config(
         block_n, warps, stages = _DECODE_GPU
     block_n = options.get("decode_block_n", _largest_pow2_divisor(kv_block_size, block_n))
     stages = options.get("decode_num_stages", stages)
-    if not interpret:
-        row = _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize
-
-        def smem(bm, bn, st):  # K and V streamed under the stationary packed query rows
-            return st * (2 * bn * row + bm * bn * loads.tile_bytes) + bm * row
-
+    if not interpret:  # the packed query rows are the resident tile; they stay
         given = (True, "decode_block_n" in options, "decode_num_stages" in options)
+        smem = _forward_smem(head_dim, dtype, loads)
         _, block_n, stages = _shrink_to_fit((rows, block_n, stages), smem, smem_limit(), given)
     if kv_block_size % block_n or (not interpret and block_n < 16):
         raise ValueError(
@@ -321,17 +326,20 @@ def _check_keys(options: dict) -> None:
         )
 
 
-def _check_tiles(cfg, prefix, q_block_size, kv_block_size, interpret, both_ways=False):
+def _check_tiles(
+    cfg, prefix: str, q_block_size: int, kv_block_size: int, interpret: bool, both_ways=False
+):
     """both_ways: the tiles are also used transposed (the backward's dq kernel)."""
     block_m, block_n = cfg.block_m, cfg.block_n
     names = f"{prefix}block_m={block_m}, {prefix}block_n={block_n}"
-    sizes = (q_block_size, kv_block_size)
-    if not tiles_divide(block_m, block_n, *sizes, both_ways):
-        which = "both of the" if both_ways else "the"
+    if not tiles_divide(block_m, block_n, q_block_size, kv_block_size, both_ways):
+        need = (
+            "must each divide both BlockMask BLOCK_SIZEs (the dq kernel uses them transposed)"
+            if both_ways
+            else "must divide the BlockMask's BLOCK_SIZE (q, kv)"
+        )
         raise ValueError(
-            f"kernel tiles ({names}) must each divide {which} BlockMask's "
-            f"BLOCK_SIZE ({q_block_size}, {kv_block_size})"
-            + (" (the dq kernel uses them transposed)" if both_ways else "")
+            f"kernel tiles ({names}) {need}; BLOCK_SIZE = ({q_block_size}, {kv_block_size})"
         )
     if not interpret and min(block_m, block_n) < 16:
         raise ValueError(

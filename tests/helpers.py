@@ -1,6 +1,7 @@
 """Small shared helpers for the tests: random inputs and numpy views of block masks."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -66,3 +67,25 @@ def assert_same_tables(ours, theirs):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert tuple(ours.BLOCK_SIZE) == tuple(theirs.BLOCK_SIZE)
     assert tuple(ours.seq_lengths) == tuple(theirs.seq_lengths)
+
+
+def learnable_biases(B, H, L, S, alibi_scale):
+    """Three learnable captured arrays and a score_mod factory using them all.
+
+    ALiBi slopes[h], a relative-position table[q - kv + S] and a
+    Graphormer-style table[h, dist[b, q, kv]] (dist a captured int array).
+    """
+    rng = np.random.default_rng(0)
+    slopes = jnp.asarray(rng.uniform(0.1, 1.0, H), jnp.float32)
+    table = jnp.asarray(rng.standard_normal(L + S), jnp.float32)
+    dist = jnp.asarray(rng.integers(0, 7, (B, L, S)), jnp.int32)
+    graph_table = jnp.asarray(rng.standard_normal((H, 7)), jnp.float32)
+
+    def make_kw(slopes, table, graph_table):
+        def learnable_bias(s, b, h, qi, kv):
+            alibi = slopes[h] * (kv - qi) * alibi_scale
+            return s + alibi + table[qi - kv + S] + graph_table[h, dist[b, qi, kv]]
+
+        return dict(score_mod=learnable_bias)
+
+    return (slopes, table, graph_table), make_kw

@@ -6,9 +6,8 @@ kernel runs), so these run on any machine.
 
 import jax.numpy as jnp
 import pytest
-from test_flex_attention_grad import learnable_biases
+from helpers import learnable_biases
 
-from flexjax import masks
 from flexjax.examples import EXAMPLES
 from pallas_kernels import configs
 from pallas_kernels.configs import bwd_config, decode_config, fwd_config
@@ -121,7 +120,3 @@ def test_interpret_mode_ignores_shared_memory():
         interpret=True, options=None, loads=ModLoads(tile_bytes=1 << 20),
     )  # fmt: skip
     assert (cfg.block_m, cfg.block_n) == (64, 64)
-
-
-def test_causal_mask_loads_nothing():
-    assert mod_loads(trace_mod(masks.causal_mask, is_score_mod=False)[0]) == ModLoads()

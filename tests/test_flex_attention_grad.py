@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_block_mask, random_qkv
+from helpers import learnable_biases, random_block_mask, random_qkv
 
 import flexjax as fj
 from flexjax import masks, mods
@@ -67,28 +67,6 @@ def assert_grads_close(ours, ref, dtype, tol=None):
         scale = max(np.abs(b).max(), 1e-6)
         err = np.abs(a - b).max()
         assert err <= t * scale, f"gradient {i}: max error {err:.3g} vs max {scale:.3g}"
-
-
-def learnable_biases(B, H, L, S, alibi_scale):
-    """Three learnable captured arrays and a score_mod factory using them all.
-
-    ALiBi slopes[h], a relative-position table[q - kv + S] and a
-    Graphormer-style table[h, dist[b, q, kv]] (dist a captured int array).
-    """
-    rng = np.random.default_rng(0)
-    slopes = jnp.asarray(rng.uniform(0.1, 1.0, H), jnp.float32)
-    table = jnp.asarray(rng.standard_normal(L + S), jnp.float32)
-    dist = jnp.asarray(rng.integers(0, 7, (B, L, S)), jnp.int32)
-    graph_table = jnp.asarray(rng.standard_normal((H, 7)), jnp.float32)
-
-    def make_kw(slopes, table, graph_table):
-        def learnable_bias(s, b, h, qi, kv):
-            alibi = slopes[h] * (kv - qi) * alibi_scale
-            return s + alibi + table[qi - kv + S] + graph_table[h, dist[b, qi, kv]]
-
-        return dict(score_mod=learnable_bias)
-
-    return (slopes, table, graph_table), make_kw
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
