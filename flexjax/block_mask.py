@@ -13,9 +13,13 @@ selected columns in ascending order, followed by the unselected ones in
 ascending order (a stable descending argsort of the dense block row), so tables
 compare element for element with `torch.nn.attention.flex_attention.BlockMask`.
 
-`BlockMask` is a JAX pytree: the eight tables are leaves (so a BlockMask can be
-passed into `jax.jit`), while `seq_lengths`, `BLOCK_SIZE` and `mask_mod` are
-static.
+`BlockMask` is a JAX pytree. Its mask_mod is kept as data (`pallas_kernels.
+mod_trace`): a traced program, static and hashed by its code, plus the arrays
+it captures. The leaves are the eight tables and those captured arrays;
+`seq_lengths`, `BLOCK_SIZE` and the program are static. So a BlockMask
+rebuilt every step from a new closure over new values of the same shapes
+(a packed batch's document ids) is the same pytree structure, and the user's
+`jax.jit` does not retrace.
 """
 
 from __future__ import annotations
@@ -28,23 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexjax.mod_utils import ModKind, check_mod_kind, noop_mask
+from flexjax.mod_utils import ModKind, check_mod_kind, noop_mask, traced_mod
+from pallas_kernels.mod_trace import ModProgram
+from pallas_kernels.spec import BlockTables
 
 __all__ = ["DEFAULT_SPARSE_BLOCK_SIZE", "BlockMask"]
 
 # PyTorch's `_DEFAULT_SPARSE_BLOCK_SIZE`: a 128x128 tile per block-table entry.
 DEFAULT_SPARSE_BLOCK_SIZE = 128
 
-_TABLE_NAMES = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
+_TABLE_NAMES = BlockTables._fields
 
 
 def parse_block_size(block_size, argname: str = "BLOCK_SIZE") -> tuple[int, int]:
@@ -121,7 +118,9 @@ class BlockMask:
       q_indices, full_q_indices:         [B, H, C, R] int32
       BLOCK_SIZE: (Q_BLOCK_SIZE, KV_BLOCK_SIZE)
       seq_lengths: (Q_LEN, KV_LEN)
-      mask_mod: the mask_mod applied inside partial blocks.
+      mask_mod: the mask_mod applied inside partial blocks (assignable, as in
+        PyTorch); held as `mask_program` (static) and `mask_consts` (the
+        arrays it captures, pytree leaves).
     The full tables may be None (then every listed block is partial). B and H
     may be 1 to broadcast over the batch and the query heads.
 
@@ -142,7 +141,6 @@ class BlockMask:
         BLOCK_SIZE: tuple[int, int],
         mask_mod: Callable,
     ):
-        # No validation here: pytree unflattening calls this with arbitrary leaves.
         self.seq_lengths = tuple(seq_lengths)
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
@@ -155,15 +153,78 @@ class BlockMask:
         self.BLOCK_SIZE = tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod
 
+    # --------------------------------------------------------------- mask_mod
+    @property
+    def mask_mod(self) -> Callable:
+        """The mask_mod: as given, or rebuilt from its program and captured arrays."""
+        if self._mask_mod is None:
+            program, consts = self.mask_program, self.mask_consts
+            self._mask_mod = noop_mask if program is None else program.bind(consts)
+        return self._mask_mod
+
+    @mask_mod.setter
+    def mask_mod(self, mask_mod: Callable | None) -> None:
+        if mask_mod is None or mask_mod is noop_mask:
+            self._set_program(None, (), noop_mask)
+        else:
+            program, consts = traced_mod(mask_mod, ModKind.MASK_MOD, "mask_mod")
+            self._set_program(program, consts, mask_mod)
+
+    def _set_program(self, program: ModProgram | None, consts, mask_mod=None) -> None:
+        self.mask_program = program  # None: noop_mask
+        self.mask_consts = tuple(consts)
+        self._mask_mod = mask_mod
+
     # ----------------------------------------------------------------- pytree
     def tree_flatten(self):
-        children = tuple(getattr(self, name) for name in _TABLE_NAMES)
-        return children, (self.seq_lengths, self.BLOCK_SIZE, self.mask_mod)
+        tables = tuple(getattr(self, name) for name in _TABLE_NAMES)
+        return (*tables, self.mask_consts), (self.seq_lengths, self.BLOCK_SIZE, self.mask_program)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        seq_lengths, block_size, mask_mod = aux
-        return cls(seq_lengths, *children, BLOCK_SIZE=block_size, mask_mod=mask_mod)
+        seq_lengths, block_size, program = aux
+        bm = object.__new__(cls)  # leaves may be anything (tracers, None, sharding specs)
+        bm.seq_lengths, bm.BLOCK_SIZE = seq_lengths, block_size
+        for name, table in zip(_TABLE_NAMES, children[:-1], strict=True):
+            setattr(bm, name, table)
+        bm._set_program(program, children[-1])
+        return bm
+
+    @classmethod
+    def _from_program(
+        cls, seq_lengths, tables, BLOCK_SIZE, program, consts, mask_mod=None
+    ) -> BlockMask:
+        """A BlockMask from tables and an already traced mask_mod (no second trace).
+
+        mask_mod: the function the program was traced from, kept as `mask_mod`.
+        """
+        bm = cls.tree_unflatten(
+            (tuple(seq_lengths), tuple(BLOCK_SIZE), program), (*tables, tuple(consts))
+        )
+        bm._mask_mod = mask_mod
+        return bm
+
+    def kernel_tables(self) -> BlockTables:
+        """The eight tables as the kernels take them: int32, none missing.
+
+        Missing full tables become empty ones; missing q tables (a BlockMask
+        built with compute_q_blocks=False) are derived, as the backward needs them.
+        """
+        kv = (self.kv_num_blocks, self.kv_indices)
+        if self.full_kv_num_blocks is not None:
+            full_kv = (self.full_kv_num_blocks, self.full_kv_indices)
+        else:
+            full_kv = (jnp.zeros_like(kv[0]), kv[1][..., :1])
+        q = (self.q_num_blocks, self.q_indices)
+        if q[0] is None:
+            q = transpose_ordered(*kv)
+        if self.full_kv_num_blocks is None:
+            full_q = (jnp.zeros_like(q[0]), q[1][..., :1])
+        elif self.full_q_num_blocks is not None:
+            full_q = (self.full_q_num_blocks, self.full_q_indices)
+        else:
+            full_q = transpose_ordered(*full_kv)
+        return BlockTables(*(t.astype(jnp.int32) for t in (*kv, *full_kv, *q, *full_q)))
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -212,9 +273,7 @@ class BlockMask:
                     f"got {full_kv_num_blocks.shape}"
                 )
         block_size = parse_block_size(BLOCK_SIZE)
-        if mask_mod is None:
-            mask_mod = noop_mask
-        else:
+        if mask_mod is not None:
             check_mod_kind(mask_mod, ModKind.MASK_MOD, "mask_mod")
         if seq_lengths is None:
             seq_lengths = (
@@ -374,10 +433,11 @@ class BlockMask:
         return s + "\n)"
 
     def __repr__(self) -> str:
+        name = "noop_mask" if self.mask_program is None else self.mask_program.name
         return (
             f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
             f"full_blocks={'yes' if self.full_kv_num_blocks is not None else 'no'}, "
-            f"mask_mod={getattr(self.mask_mod, '__qualname__', self.mask_mod)})"
+            f"mask_mod={name})"
         )
 
     # --------------------------------------------------------------- slicing

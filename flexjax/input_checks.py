@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from flexjax.block_mask import BlockMask
-from flexjax.mod_utils import ModKind, check_mod_kind, check_mod_output
+from flexjax.mod_utils import ModKind, traced_mod
 
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -97,16 +97,19 @@ def check_scale(scale, E: int) -> float:
     if isinstance(scale, jax.Array | jax.core.Tracer) and jnp.ndim(scale) == 0:
         raise TypeError("scale must be a Python float (it is baked into the kernel), got an array")
     try:
-        return float(scale)
+        value = float(scale)
     except (TypeError, ValueError) as e:
         raise TypeError(f"scale must be a float or None, got {scale!r}") from e
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite float (or None for 1/sqrt(E)), got {scale!r}")
+    return value
 
 
-def check_score_mod(score_mod, dtype) -> None:
+def check_score_mod(score_mod):
+    """The score_mod's (program, captured arrays), or (None, []) without one."""
     if score_mod is None:
-        return
-    check_mod_kind(score_mod, ModKind.SCORE_MOD, "score_mod")
-    check_mod_output(score_mod, ModKind.SCORE_MOD, "score_mod", score_dtype=jnp.float32)
+        return None, []
+    return traced_mod(score_mod, ModKind.SCORE_MOD, "score_mod")
 
 
 def check_block_mask(block_mask, shape: AttentionShape) -> None:

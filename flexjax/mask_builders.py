@@ -5,7 +5,10 @@ first (10 GiB at S = 32K, out of memory at 128K on an 80 GB card). Here the
 mask_mod is evaluated one (batch, head, q-block row) at a time, a few rows per
 step of a `lax.map`, and each row is reduced to per-block counts of kept
 elements straight away; only the [B, H, R, C] block classes are ever stored.
-Everything is jnp under `jax.jit`, so it also runs inside a user's jit.
+Everything is jnp under `jax.jit`, so it also runs inside a user's jit. The
+builder is compiled per mask_mod *program* (`pallas_kernels.mod_trace`), with
+the captured arrays as arguments: a new closure over new document ids of the
+same shape reuses the compiled builder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from flexjax.block_mask import (
     dense_to_ordered,
     parse_block_size,
 )
-from flexjax.mod_utils import ModKind, check_mod_kind, check_mod_output, get_mod_kind, vmap_bhqkv
+from flexjax.mod_utils import ModKind, get_mod_kind, noop_mask, traced_mod, vmap_bhqkv
+from pallas_kernels.mod_trace import ModProgram
 
 __all__ = ["create_block_mask", "create_mask"]
 
@@ -55,7 +59,7 @@ def create_mask(
     Q_LEN = _check_dim(Q_LEN, "Q_LEN", False)
     KV_LEN = _check_dim(KV_LEN, "KV_LEN", False)
     kind = get_mod_kind(mod_fn)
-    check_mod_output(mod_fn, kind, "mod_fn")
+    traced_mod(mod_fn, kind, "mod_fn")
     b, h = jnp.arange(B, dtype=jnp.int32), jnp.arange(H, dtype=jnp.int32)
     q, kv = jnp.arange(Q_LEN, dtype=jnp.int32), jnp.arange(KV_LEN, dtype=jnp.int32)
     lifted = vmap_bhqkv(mod_fn, kind)
@@ -72,10 +76,12 @@ def _place(x, device):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _block_counts(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs) -> jax.Array:
+def _block_counts(
+    program: ModProgram, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, consts: tuple
+) -> jax.Array:
     """[B, H, R, C] int32: how many elements of each block the mask_mod keeps."""
     R, C = -(-Q_LEN // q_bs), -(-KV_LEN // kv_bs)
-    lifted = vmap_bhqkv(mask_mod, ModKind.MASK_MOD)
+    lifted = vmap_bhqkv(program.bind(consts), ModKind.MASK_MOD)
     kv = jnp.arange(C * kv_bs, dtype=jnp.int32)
     kv_valid = kv < KV_LEN
     # The mod only ever sees in-range indices: padding positions are clamped
@@ -123,8 +129,7 @@ def create_block_mask(
     dense mask. `_compile` is accepted for PyTorch compatibility and ignored
     (this always runs under jax.jit). `device`, if given, is where the tables go.
     """
-    check_mod_kind(mask_mod, ModKind.MASK_MOD, "mask_mod")
-    check_mod_output(mask_mod, ModKind.MASK_MOD, "mask_mod")
+    program, consts = traced_mod(mask_mod, ModKind.MASK_MOD, "mask_mod")
     B = _check_dim(B, "B", True)
     H = _check_dim(H, "H", True)
     Q_LEN = _check_dim(Q_LEN, "Q_LEN", False)
@@ -132,7 +137,7 @@ def create_block_mask(
     q_bs, kv_bs = parse_block_size(BLOCK_SIZE)
     del _compile
 
-    counts = _block_counts(mask_mod, B, H, Q_LEN, KV_LEN, q_bs, kv_bs)
+    counts = _block_counts(program, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, tuple(consts))
     full = counts == q_bs * kv_bs
     partial = (counts > 0) & ~full
     kv_num_blocks, kv_indices = dense_to_ordered(partial)
@@ -150,4 +155,8 @@ def create_block_mask(
         full_q_indices,
     ]
     tables = [_place(t, device) for t in tables]
-    return BlockMask((Q_LEN, KV_LEN), *tables, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)
+    if mask_mod is noop_mask:
+        program, consts = None, ()  # nothing to evaluate in the kernels
+    return BlockMask._from_program(
+        (Q_LEN, KV_LEN), tables, (q_bs, kv_bs), program, consts, mask_mod=mask_mod
+    )

@@ -1,10 +1,12 @@
-"""How flexjax calls a user's mod: signature checks and the b/h/q/kv vmap.
+"""How flexjax calls a user's mod: signature checks, tracing, and the b/h/q/kv vmap.
 
 A mod is written for one score element, exactly as in PyTorch: every index
 argument is a scalar int32 array, so `intervals[image_idx][0]` means what it
-says. `vmap_bhqkv` lifts such a scalar function over whole index ranges; the
-dense reference, `create_mask` and `create_block_mask` all evaluate mods this
-way, and the kernels trace the same lifted function at their tile shapes.
+says. `traced_mod` checks a mod and traces it on scalars into a program plus
+its captured arrays (`pallas_kernels.mod_trace`): the kernels evaluate that
+program on tiles, and BlockMasks carry it as data. `vmap_bhqkv` lifts a
+scalar mod over whole index ranges; the dense reference, `create_mask` and
+`create_block_mask` evaluate mods that way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.mod_trace import ModProgram, ModTraceError, mod_name, trace_mod
+
 __all__ = [
     "ModKind",
     "and_masks",
@@ -23,6 +27,7 @@ __all__ = [
     "mod_name",
     "noop_mask",
     "or_masks",
+    "traced_mod",
     "vmap_bhqkv",
 ]
 
@@ -30,10 +35,6 @@ __all__ = [
 class ModKind(enum.Enum):
     SCORE_MOD = 5  # score_mod(score, b, h, q_idx, kv_idx)
     MASK_MOD = 4  # mask_mod(b, h, q_idx, kv_idx)
-
-
-def mod_name(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
 def _num_required_positional(fn: Callable) -> int:
@@ -146,26 +147,33 @@ def or_masks(*mask_mods: Callable) -> Callable:
     return or_mask
 
 
-def check_mod_output(fn: Callable, kind: ModKind, argname: str, score_dtype=jnp.float32) -> None:
-    """Trace the mod once on scalars and check it returns one value of the right dtype."""
-    i = jax.ShapeDtypeStruct((), jnp.int32)
-    args = (i, i, i, i)
-    if kind is ModKind.SCORE_MOD:
-        args = (jax.ShapeDtypeStruct((), score_dtype),) + args
+def traced_mod(fn: Callable, kind: ModKind, argname: str) -> tuple[ModProgram, list]:
+    """Check `fn` is a mod of `kind` returning one value per element; its program and captured arrays.
+
+    One trace on scalar inputs (a score_mod's score is float32) does both.
+    """
+    check_mod_kind(fn, kind, argname)
     try:
-        out = jax.eval_shape(fn, *args)
+        program, consts = trace_mod(fn, is_score_mod=kind is ModKind.SCORE_MOD)
+    except ModTraceError:
+        raise
     except Exception as e:
-        raise type(e)(f"{argname} {mod_name(fn)} failed on scalar inputs: {e}") from e
-    if not isinstance(out, jax.ShapeDtypeStruct):
-        raise TypeError(
-            f"{argname} {mod_name(fn)} must return one array, got {jax.tree_util.tree_structure(out)}"
-        )
-    if out.shape != ():
+        raise ModTraceError(
+            f"{argname} {mod_name(fn)} failed on scalar int32 indices: {type(e).__name__}: {e}. "
+            "A mod computes one element with jnp operations; Python control flow on its "
+            "arguments (if, while, int()) cannot be traced: use jnp.where."
+        ) from e
+    outs = program.jaxpr.outvars
+    if len(outs) != 1:
+        raise TypeError(f"{argname} {mod_name(fn)} must return one array, got {len(outs)} values")
+    aval = outs[0].aval
+    if aval.shape != ():
         raise ValueError(
             f"{argname} {mod_name(fn)} must return one value per score element (shape ()), "
-            f"got shape {out.shape}; index arguments are scalars, as in PyTorch"
+            f"got shape {aval.shape}; index arguments are scalars, as in PyTorch"
         )
-    if kind is ModKind.MASK_MOD and out.dtype != jnp.bool_:
-        raise TypeError(f"{argname} {mod_name(fn)} must return bool, got {out.dtype}")
-    if kind is ModKind.SCORE_MOD and not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"{argname} {mod_name(fn)} must return a float score, got {out.dtype}")
+    if kind is ModKind.MASK_MOD and aval.dtype != jnp.bool_:
+        raise TypeError(f"{argname} {mod_name(fn)} must return bool, got {aval.dtype}")
+    if kind is ModKind.SCORE_MOD and not jnp.issubdtype(aval.dtype, jnp.floating):
+        raise TypeError(f"{argname} {mod_name(fn)} must return a float score, got {aval.dtype}")
+    return program, consts

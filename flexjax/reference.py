@@ -1,7 +1,7 @@
 """Dense flex_attention in plain jnp: the oracle every kernel is tested against.
 
 It materialises the [B, Hq, L, S] scores, so it is O(L*S) in memory and meant
-for tests, the gym and `impl="reference"`; optimized code never imports it.
+for tests, the gym and the benchmarks; optimized code never imports it.
 Semantics are the public ones, element by element:
 
   s = scale * q.k                     (computed in float32, or float64 for f64 inputs)
@@ -67,7 +67,7 @@ def flex_attention_reference(
     """
     shape = check_qkv(query, key, value, enable_gqa)
     scale = check_scale(scale, shape.E)
-    check_score_mod(score_mod, query.dtype)
+    check_score_mod(score_mod)
     check_block_mask(block_mask, shape)
     B, Hq, L, S = shape.B, shape.Hq, shape.L, shape.S
 

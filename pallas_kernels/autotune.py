@@ -1,13 +1,15 @@
 """Autotuning of the forward and backward kernel configs, with an on-disk cache.
 
-`kernel_options={"autotune": True}` makes flex_attention time a space of
-configs (tiles, warps, stages) for the call's exact static setup and keep the
-fastest, as torch.compile's max-autotune does for FlexAttention. Tuning runs
-once per key; the result is kept in memory and in a JSON file, so later
-processes start tuned:
+`kernel_options={"autotune": True}` makes flex_attention time the chosen
+backend's space of configs (`Backend.candidates`: for Triton, tiles, warps
+and stages) for the call's exact static setup and keep the fastest, as
+torch.compile's max-autotune does for FlexAttention. Tuning runs once per
+key; the result is kept in memory and in a JSON file, so later processes
+start tuned:
 
-    key = GPU name, jax version, kernel (fwd / bwd), padded shapes, dtype,
-          and the static call (lengths, block sizes, GQA, mods' programs)
+    key = GPU name, jax version, backend, kernel (fwd / bwd), the KernelSpec
+          (sizes, dtype, block sizes, GQA, broadcasts), the mods' programs,
+          and the kernel_options given
 
 The file is `$FLEXJAX_CACHE_DIR/autotune.json` (default
 `~/.cache/flexjax/autotune.json`); a missing or unreadable file only means
@@ -25,7 +27,6 @@ kernel's cost per block rather than this mask's sparsity.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import statistics
@@ -36,24 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.configs import tiles_divide
-from pallas_kernels.flex_bwd_triton import BwdConfig, flex_bwd, preprocess
-from pallas_kernels.flex_fwd_triton import FwdConfig, FwdStatic, flex_fwd
+from pallas_kernels import vjp
+from pallas_kernels.dispatch import Backend, KernelConfigs
+from pallas_kernels.spec import BlockTables, KernelSpec, Mods
 
-__all__ = ["SPACES", "cache_path", "clear_memory_cache", "stats", "tune"]
+__all__ = ["cache_path", "clear_memory_cache", "stats", "tune"]
 
-# Searched values per kernel; explicitly given kernel_options are held fixed.
-SPACES = {
-    "gpu": {
-        "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
-        "bwd": dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
-    },
-    # Interpret mode: a tiny space, so CPU tests exercise the mechanism.
-    "interpret": {
-        "fwd": dict(block_m=(32, 64), block_n=(32,), num_warps=(4,), num_stages=(1,)),
-        "bwd": dict(block_m=(32,), block_n=(32, 64), num_warps=(4,), num_stages=(1,)),
-    },
-}
 _REPS = 10
 _memory: dict[str, dict] = {}
 stats = {"timed": 0, "from_file": 0}  # configs timed; keys found in the file (tests use these)
@@ -71,18 +60,11 @@ def clear_memory_cache() -> None:
     _memory.clear()
 
 
-def _static_key(st: FwdStatic) -> str:
-    parts = []
-    for name in FwdStatic.__dataclass_fields__:
-        value = getattr(st, name)
-        parts.append(f"{name}={getattr(value, 'key', value)}")
-    return ";".join(parts)
-
-
-def _key(kernel: str, st: FwdStatic, shapes: tuple, dtype, fixed: dict) -> str:
-    device = jax.devices()[0].device_kind if not st.interpret else "interpret"
-    text = f"{device}|jax {jax.__version__}|{kernel}|{shapes}|{jnp.dtype(dtype).name}|"
-    text += f"{sorted(fixed.items())}|{_static_key(st)}"
+def _key(backend: Backend, kernel: str, spec: KernelSpec, mods: Mods, fixed: dict) -> str:
+    device = jax.devices()[0].device_kind if not spec.interpret else "interpret"
+    programs = [getattr(p, "key", None) for p in mods.programs]
+    text = f"{device}|jax {jax.__version__}|{backend.name}|{kernel}|{spec}|{programs}|"
+    text += f"{sorted(fixed.items())}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -116,39 +98,23 @@ def _write_file(key: str, entry: dict) -> None:
         )
 
 
-def _candidates(space, fixed, q_bs, kv_bs, q_len, interpret, both_ways=False):
-    """The space's configs that the block sizes allow (both_ways: the backward's)."""
-    keys = list(space)
-    values = [(fixed[k],) if k in fixed else space[k] for k in keys]
-    for combo in itertools.product(*values):
-        c = dict(zip(keys, combo, strict=True))
-        if not tiles_divide(c["block_m"], c["block_n"], q_bs, kv_bs, both_ways):
-            continue
-        if c["block_m"] > max(16, q_len) * 2 and "block_m" not in fixed:
-            continue  # a q tile much longer than the query is padding
-        if not interpret and min(c["block_m"], c["block_n"]) < 16:
-            continue
-        yield c
-
-
 def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _timing_inputs(st, q, k, v, tables, score_consts, mask_consts):
+def _timing_inputs(spec, q, k, v, tables, mods):
     """Concrete stand-ins for the call's arrays (see the module docstring)."""
     rng = np.random.default_rng(0)
     fresh = lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)
     q, k, v = fresh(q), fresh(k), fresh(v)
     if not all(_concrete(t) for t in tables):
-        tables = _dense_walk_tables(st, tables)
-    consts = [
-        c if _concrete(c) else jnp.zeros(c.shape, c.dtype) for c in (*score_consts, *mask_consts)
-    ]
-    return q, k, v, tuple(tables), consts[: len(score_consts)], consts[len(score_consts) :]
+        tables = _dense_walk_tables(spec, tables)
+    stand_in = lambda c: c if _concrete(c) else jnp.zeros(c.shape, c.dtype)
+    mods = jax.tree.map(stand_in, mods)
+    return q, k, v, tables, mods
 
 
-def _dense_walk_tables(st, tables):
+def _dense_walk_tables(spec: KernelSpec, tables: BlockTables) -> BlockTables:
     """Tables of the same shapes in which every block is visited once.
 
     The visits go to the partial tables when the call has partial blocks (a
@@ -163,10 +129,10 @@ def _dense_walk_tables(st, tables):
         )
 
     out = []
-    for i in (0, 4):  # row tables, then column tables
-        out += visit_all(tables[i], tables[i + 1], st.has_partial)
-        out += visit_all(tables[i + 2], tables[i + 3], not st.has_partial)
-    return out
+    for view in (tables.rows, tables.cols):
+        out += visit_all(view.num_blocks, view.indices, spec.has_partial)
+        out += visit_all(view.full_num_blocks, view.full_indices, not spec.has_partial)
+    return BlockTables(*out)
 
 
 def _median_ms(fn) -> float:
@@ -179,75 +145,68 @@ def _median_ms(fn) -> float:
     return statistics.median(times)
 
 
-def _search(kernel, cands, make_cfg, run):
+def _search(kernel, candidates, run):
     best, best_ms, tried = None, float("inf"), []
-    for c in cands:
+    for values, cfg in candidates:
         try:
-            ms = _median_ms(lambda c=c: run(make_cfg(c)))
+            ms = _median_ms(lambda cfg=cfg: run(cfg))
         except Exception as e:  # a config that does not compile is skipped
-            tried.append(dict(config=c, failed=f"{type(e).__name__}: {str(e)[:120]}"))
+            tried.append(dict(config=values, failed=f"{type(e).__name__}: {str(e)[:120]}"))
             continue
         stats["timed"] += 1
-        tried.append(dict(config=c, ms=ms))
+        tried.append(dict(config=values, ms=ms))
         if ms < best_ms:
-            best, best_ms = c, ms
+            best, best_ms = values, ms
     if best is None:
         raise RuntimeError(f"flexjax autotune: no {kernel} config compiled; tried {tried}")
     return best, best_ms, tried
 
 
-def tune(st: FwdStatic, q, k, v, tables, score_consts, mask_consts, fixed: dict, L: int):
-    """(FwdConfig, BwdConfig) for this call: cached, or timed now.
+def _cached(keys) -> None:
+    """Move the keys found in the file into memory."""
+    if all(key in _memory for key in keys):
+        return
+    on_file = _read_file()
+    for key in keys:
+        if key not in _memory and isinstance(on_file.get(key), dict):
+            _memory[key] = on_file[key]
+            stats["from_file"] += 1
 
-    q, k, v: the padded arrays (or tracers) the kernels will get; fixed: the
-    config keys the caller set explicitly (fwd and bwd_ prefixed).
+
+def tune(
+    backend: Backend, spec: KernelSpec, mods: Mods, q, k, v, tables: BlockTables, offsets,
+    options: dict, decode: bool,
+) -> KernelConfigs:  # fmt: skip
+    """The call's KernelConfigs: forward and backward cached or timed now, decode by default.
+
+    q, k, v: the arrays (or tracers) the kernels will get; options: the
+    backend's kernel_options, held fixed.
     """
-    space = SPACES["interpret" if st.interpret else "gpu"]
-    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    fwd_fixed = {k_: fixed[k_] for k_ in space["fwd"] if k_ in fixed}
-    bwd_fixed = {k_: fixed["bwd_" + k_] for k_ in space["bwd"] if "bwd_" + k_ in fixed}
-    keys = (
-        _key("fwd", st, shapes, q.dtype, fwd_fixed),
-        _key("bwd", st, shapes, q.dtype, bwd_fixed),
-    )
-    if not all(key in _memory for key in keys):
-        on_file = _read_file()
-        for key in keys:
-            if key not in _memory and isinstance(on_file.get(key), dict):
-                _memory[key] = on_file[key]
-                stats["from_file"] += 1
+    keys = {kind: _key(backend, kind, spec, mods, options) for kind in ("fwd", "bwd")}
+    _cached(keys.values())
+    defaults = backend.configs(spec, mods, options, decode)
     inputs = None
-    q_bs, kv_bs = st.q_block_size, st.kv_block_size
+    offsets = jnp.zeros((4,), jnp.int32) if not _concrete(offsets) else offsets
 
-    if keys[0] not in _memory:
-        inputs = _timing_inputs(st, q, k, v, tables, score_consts, mask_consts)
-        tq, tk, tv, tt, tsc, tmc = inputs
-        cands = _candidates(space["fwd"], fwd_fixed, q_bs, kv_bs, L, st.interpret)
-        best, ms, tried = _search(
-            "forward", cands, lambda c: FwdConfig(**c),
-            lambda cfg: flex_fwd(tq, tk, tv, tt[:4], tsc, tmc, st=st, cfg=cfg),
-        )  # fmt: skip
-        _memory[keys[0]] = entry = dict(config=best, ms=ms, tried=tried, shapes=str(shapes))
-        _write_file(keys[0], entry)
-    fwd_cfg = FwdConfig(**_memory[keys[0]]["config"])
+    def record(kind, best, ms, tried):
+        _memory[keys[kind]] = entry = dict(config=best, ms=ms, tried=tried, spec=str(spec))
+        _write_file(keys[kind], entry)
 
-    if keys[1] not in _memory:
-        inputs = inputs or _timing_inputs(st, q, k, v, tables, score_consts, mask_consts)
-        tq, tk, tv, tt, tsc, tmc = inputs
-        out, lse = flex_fwd(tq, tk, tv, tt[:4], tsc, tmc, st=st, cfg=fwd_cfg)
+    if keys["fwd"] not in _memory:
+        inputs = _timing_inputs(spec, q, k, v, tables, mods)
+        tq, tk, tv, tt, tm = inputs
+        run = lambda cfg: backend.fwd(tq, tk, tv, tt.rows, tm, offsets, spec=spec, cfg=cfg)
+        record("fwd", *_search("forward", backend.candidates("fwd", spec, mods, options), run))
+    fwd_cfg = backend.config_from("fwd", _memory[keys["fwd"]]["config"])
+
+    if keys["bwd"] not in _memory:
+        tq, tk, tv, tt, tm = inputs or _timing_inputs(spec, q, k, v, tables, mods)
+        out, lse = backend.fwd(tq, tk, tv, tt.rows, tm, offsets, spec=spec, cfg=fwd_cfg)
         dout = jnp.asarray(np.random.default_rng(1).standard_normal(out.shape), out.dtype)
-        rows = tt[0].shape[2] * q_bs
-        delta, lse_b = preprocess(out, dout, lse, None, st.L, rows)
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, rows - x.shape[2]), (0, 0)])
-        tq_b, dout_b = pad(tq), pad(dout)
-        cands = _candidates(space["bwd"], bwd_fixed, q_bs, kv_bs, L, st.interpret, both_ways=True)
-        best, ms, tried = _search(
-            "backward", cands, lambda c: BwdConfig(**c),
-            lambda cfg: flex_bwd(
-                tq_b, tk, tv, dout_b, lse_b, delta, tt, tsc, tmc, st=st, cfg=cfg, grad_slots=()
-            )[:3],
-        )  # fmt: skip
-        _memory[keys[1]] = entry = dict(config=best, ms=ms, tried=tried, shapes=str(shapes))
-        _write_file(keys[1], entry)
-    bwd_cfg = BwdConfig(**_memory[keys[1]]["config"])
-    return fwd_cfg, bwd_cfg
+        delta, lse_b = vjp.preprocess(out, dout, lse, None)
+        run = lambda cfg: backend.bwd(
+            tq, tk, tv, dout, lse_b, delta, tt, tm, offsets, spec=spec, cfg=cfg, grad_slots=()
+        )[:3]
+        record("bwd", *_search("backward", backend.candidates("bwd", spec, mods, options), run))
+    bwd_cfg = backend.config_from("bwd", _memory[keys["bwd"]]["config"])
+    return KernelConfigs(fwd=fwd_cfg, bwd=bwd_cfg, decode=defaults.decode)

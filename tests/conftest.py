@@ -23,3 +23,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Every kernel backend the suites run against: a new backend joins by adding its
+# kernel_options["BACKEND"] name here (tests it cannot run skip with its reason).
+KERNEL_BACKENDS = ("TRITON",)
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def flex(backend):
+    """flexjax.flex_attention pinned to one kernel backend (kernel_options["BACKEND"])."""
+    import flexjax
+
+    def attend(*args, kernel_options=None, **kwargs):
+        options = {"BACKEND": backend, **(kernel_options or {})}
+        return flexjax.flex_attention(*args, kernel_options=options, **kwargs)
+
+    attend.backend = backend
+    return attend

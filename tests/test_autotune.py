@@ -111,26 +111,27 @@ def test_gpu_autotune_causal(cache_dir):
 def test_dense_walk_visits_every_block_of_the_tables_it_stands_for():
     """With traced tables the search walks every block: partial ones, or full ones without a mask."""
     from flexjax.api import _full_tables
-    from pallas_kernels.flex_fwd_triton import FwdStatic
+    from pallas_kernels.spec import KernelSpec
 
-    def static(has_partial):
-        return FwdStatic(
-            L=300, S=200, Hq=1, group_size=1, kv_batch_broadcast=False,
-            mask_batch_broadcast=True, mask_head_broadcast=True, q_block_size=128,
-            kv_block_size=128, scale=1.0, score_mod=None, mask_mod=None,
-            has_partial=has_partial, has_full=True, interpret=True,
+    def spec(has_partial):
+        return KernelSpec(
+            B=1, Hq=1, Hkv=1, L=300, S=200, E=16, Ev=16, Bkv=1, mask_batch_broadcast=True,
+            mask_head_broadcast=True, q_block_size=128, kv_block_size=128, R=3, C=2, scale=1.0,
+            dtype="float32", has_partial=has_partial, has_full=True, interpret=True,
         )  # fmt: skip
 
-    tables, C = _full_tables(300, 200, 128, 128)  # R = 3 rows, C = 2 columns
-    walk = autotune._dense_walk_tables(static(False), tables)
+    tables = _full_tables(300, 200, 128, 128)  # R = 3 rows, C = 2 columns
+    walk = autotune._dense_walk_tables(spec(False), tables)
     assert [t.shape for t in walk] == [t.shape for t in tables]
-    assert (np.asarray(walk[0]) == 0).all() and (np.asarray(walk[2]) == C).all()
-    assert (np.asarray(walk[4]) == 0).all() and (np.asarray(walk[6]) == 3).all()
-    np.testing.assert_array_equal(np.asarray(walk[3])[0, 0, 0], np.arange(C))
+    assert (np.asarray(walk.kv_num_blocks) == 0).all()
+    assert (np.asarray(walk.full_kv_num_blocks) == 2).all()
+    assert (np.asarray(walk.q_num_blocks) == 0).all()
+    assert (np.asarray(walk.full_q_num_blocks) == 3).all()
+    np.testing.assert_array_equal(np.asarray(walk.full_kv_indices)[0, 0, 0], np.arange(2))
 
     bm = fj.create_block_mask(causal, 1, 1, 300, 200, BLOCK_SIZE=128)
-    from flexjax.api import _block_mask_tables
-
-    walk = autotune._dense_walk_tables(static(True), _block_mask_tables(bm))
-    assert (np.asarray(walk[0]) == C).all() and (np.asarray(walk[2]) == 0).all()
-    assert (np.asarray(walk[4]) == 3).all() and (np.asarray(walk[6]) == 0).all()
+    walk = autotune._dense_walk_tables(spec(True), bm.kernel_tables())
+    assert (np.asarray(walk.kv_num_blocks) == 2).all()
+    assert (np.asarray(walk.full_kv_num_blocks) == 0).all()
+    assert (np.asarray(walk.q_num_blocks) == 3).all()
+    assert (np.asarray(walk.full_q_num_blocks) == 0).all()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_walk import walk_tiles
+from pallas_kernels.triton.walk import walk_tiles
 
 
 def visited(row, first, last, block_size, tile):

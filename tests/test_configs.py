@@ -9,9 +9,12 @@ import pytest
 from helpers import learnable_biases
 
 from flexjax.examples import EXAMPLES
-from pallas_kernels import configs
-from pallas_kernels.configs import bwd_config, decode_config, fwd_config
-from pallas_kernels.mod_tracer import NO_LOADS, ModLoads, mod_loads, trace_mod
+from pallas_kernels.mod_eval import NO_LOADS, ModLoads, mod_loads
+from pallas_kernels.mod_trace import trace_mod
+from pallas_kernels.triton import configs
+from pallas_kernels.triton.bwd import BwdConfig
+from pallas_kernels.triton.configs import bwd_config, decode_config, fwd_config
+from pallas_kernels.triton.fwd import FwdConfig
 
 H100_SMEM = 232448
 
@@ -61,11 +64,11 @@ def test_mod_loads_classifies_gathers():
 def test_gpu_defaults_are_the_tables_when_nothing_is_gathered(h100, head_dim, dtype):
     is_f32 = dtype == jnp.float32
     m, n, w, s = configs._FWD_GPU[(is_f32, head_dim)]
-    assert fwd(head_dim, dtype) == configs.FwdConfig(
+    assert fwd(head_dim, dtype) == FwdConfig(
         block_m=m, block_n=n, num_warps=w, num_stages=s
     )
     m, n, w, s = configs._BWD_GPU[(is_f32, head_dim)]
-    assert bwd(head_dim, dtype) == configs.BwdConfig(
+    assert bwd(head_dim, dtype) == BwdConfig(
         block_m=m, block_n=n, num_warps=w, num_stages=s
     )
 

@@ -12,13 +12,13 @@ from helpers import random_qkv
 
 import flexjax as fj
 from flexjax.reference import flex_attention_reference
-from pallas_kernels import flex_fwd_triton
-from pallas_kernels.configs import decode_config
-from pallas_kernels.flex_decode_triton import combine
+from pallas_kernels import dispatch
+from pallas_kernels.softmax import combine
+from pallas_kernels.triton.configs import decode_config
 
 
-def check(q, k, v, score_mod=None, block_mask=None, options=None, atol=2e-5):
-    out, lse = fj.flex_attention(
+def check(flex, q, k, v, score_mod=None, block_mask=None, options=None, atol=2e-5):
+    out, lse = flex(
         q, k, v, score_mod, block_mask, enable_gqa=True, return_lse=True,
         kernel_options=options,
     )  # fmt: skip
@@ -36,14 +36,14 @@ def check(q, k, v, score_mod=None, block_mask=None, options=None, atol=2e-5):
 
 
 def decode_traces(fn):
-    before = flex_fwd_triton.TRACE_COUNT["decode"]
+    before = dispatch.trace_count("decode")
     fn()
-    return flex_fwd_triton.TRACE_COUNT["decode"] - before
+    return dispatch.trace_count("decode") - before
 
 
 @pytest.mark.parametrize("L", [1, 3, 17])
 @pytest.mark.parametrize("splits", [1, 3, 50])
-def test_decode_matches_reference_with_gqa_packing(L, splits):
+def test_decode_matches_reference_with_gqa_packing(flex, L, splits):
     """4 query heads per kv head packed into one tile; splits beyond the tile count are empty."""
     S = 300  # not a multiple of the block size: the last block is partial
     q, k, v = random_qkv(L * 10 + splits, 2, 8, L, S, 32, Hkv=2)
@@ -57,10 +57,10 @@ def test_decode_matches_reference_with_gqa_packing(L, splits):
 
     bm = fj.create_block_mask(causal_end, 1, 1, L, S, BLOCK_SIZE=32)
     options = {"decode": True, "decode_splits": splits}
-    assert decode_traces(lambda: check(q, k, v, alibi, bm, options)) == 1
+    assert decode_traces(lambda: check(flex, q, k, v, alibi, bm, options)) == 1
 
 
-def test_decode_per_head_mask_takes_one_head_per_program():
+def test_decode_per_head_mask_takes_one_head_per_program(flex):
     """A mask that differs per head cannot share a walk across the GQA group."""
     L, S = 2, 256
     q, k, v = random_qkv(3, 2, 4, L, S, 16, Hkv=2)
@@ -76,10 +76,10 @@ def test_decode_per_head_mask_takes_one_head_per_program():
         interpret=True, options=None,
     )  # fmt: skip
     assert cfg.heads_per_program == 1
-    check(q, k, v, None, bm, {"decode": True, "decode_splits": 3})
+    check(flex, q, k, v, None, bm, {"decode": True, "decode_splits": 3})
 
 
-def test_decode_fully_masked_rows_give_zero_and_neg_inf():
+def test_decode_fully_masked_rows_give_zero_and_neg_inf(flex):
     """Rows and whole batches that keep nothing: out 0, lse -inf, never NaN, in every split."""
     L, S = 4, 200
     q, k, v = random_qkv(5, 2, 2, L, S, 16)
@@ -88,26 +88,26 @@ def test_decode_fully_masked_rows_give_zero_and_neg_inf():
         return (b == 1) | (q_idx % 2 == 0) & (kv_idx < 50)
 
     bm = fj.create_block_mask(odd_rows_in_batch_0, 2, 1, L, S, BLOCK_SIZE=32)
-    out, lse = check(q, k, v, None, bm, {"decode": True, "decode_splits": 4})
+    out, lse = check(flex, q, k, v, None, bm, {"decode": True, "decode_splits": 4})
     assert (out[0, :, 1::2] == 0).all() and np.isneginf(lse[0, :, 1::2]).all()
 
 
-def test_decode_no_mask_batch_broadcast_and_value_dim():
+def test_decode_no_mask_batch_broadcast_and_value_dim(flex):
     q, k, v = random_qkv(6, 3, 4, 5, 130, 16, Ev=8, Hkv=1, Bkv=1)
-    check(q, k, v, None, None, {"decode": True, "decode_splits": 2})
+    check(flex, q, k, v, None, None, {"decode": True, "decode_splits": 2})
 
 
-def test_decode_is_automatic_for_short_queries_and_not_under_grad():
+def test_decode_is_automatic_for_short_queries_and_not_under_grad(flex):
     q, k, v = random_qkv(7, 1, 2, 4, 128, 16)
-    assert decode_traces(lambda: check(q, k, v)) == 1
+    assert decode_traces(lambda: check(flex, q, k, v)) == 1
     # Not for a query that fills a q block, nor when switched off.
     q_long, _, _ = random_qkv(8, 1, 2, 130, 128, 16)
-    assert decode_traces(lambda: check(q_long, k, v)) == 0
-    assert decode_traces(lambda: check(q, k, v, options={"decode": False})) == 0
+    assert decode_traces(lambda: check(flex, q_long, k, v)) == 0
+    assert decode_traces(lambda: check(flex, q, k, v, options={"decode": False})) == 0
 
     # Under differentiation the regular forward runs (its residuals feed the backward).
     def loss(q, k, v):
-        return jnp.sum(fj.flex_attention(q, k, v) ** 2)
+        return jnp.sum(flex(q, k, v) ** 2)
 
     def ref_loss(q, k, v):
         return jnp.sum(flex_attention_reference(q, k, v) ** 2)
@@ -119,15 +119,15 @@ def test_decode_is_automatic_for_short_queries_and_not_under_grad():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
 
 
-def test_decode_option_errors():
+def test_decode_option_errors(flex):
     q, k, v = random_qkv(9, 1, 1, 130, 64, 16)
     with pytest.raises(ValueError, match="decode'\\]=True needs a query shorter than 128"):
-        fj.flex_attention(q, k, v, kernel_options={"decode": True})
+        flex(q, k, v, kernel_options={"decode": True})
     with pytest.raises(ValueError, match="must be True, False or None"):
-        fj.flex_attention(q, k, v, kernel_options={"decode": "yes"})
+        flex(q, k, v, kernel_options={"decode": "yes"})
     q1 = q[:, :, :1]
     with pytest.raises(ValueError, match="decode_block_n=48 must divide"):
-        fj.flex_attention(q1, k, v, kernel_options={"decode_block_n": 48})
+        flex(q1, k, v, kernel_options={"decode_block_n": 48})
 
 
 def test_combine_weights_splits_by_their_lse():
@@ -152,15 +152,15 @@ def test_combine_weights_splits_by_their_lse():
 
 
 @pytest.mark.gpu
-def test_gpu_decode_issue_shape():
+def test_gpu_decode_issue_shape(flex):
     """B=8, 32 query heads over 8 kv heads, Q_LEN=1, KV_LEN=32768, D=128, bf16."""
     q, k, v = random_qkv(10, 8, 32, 1, 32768, 128, Hkv=8, dtype=jnp.bfloat16)
-    assert decode_traces(lambda: check(q, k, v, atol=2e-2)) == 1
+    assert decode_traces(lambda: check(flex, q, k, v, atol=2e-2)) == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L", [1, 16, 100])
-def test_gpu_decode_masks_and_score_mod(L):
+def test_gpu_decode_masks_and_score_mod(flex, L):
     S = 8192 + 77
     q, k, v = random_qkv(11 + L, 2, 16, L, S, 64, Hkv=4, dtype=jnp.float16)
     slopes = jnp.linspace(0.05, 1.0, 16)
@@ -172,5 +172,5 @@ def test_gpu_decode_masks_and_score_mod(L):
         return (kv_idx <= q_idx + S - L) & (q_idx + S - L - kv_idx < 2000)
 
     bm = fj.create_block_mask(window, 1, 1, L, S)
-    check(q, k, v, alibi, bm, {"decode": True}, atol=2e-2)
-    check(q, k, v, None, None, {"decode": True}, atol=2e-2)
+    check(flex, q, k, v, alibi, bm, {"decode": True}, atol=2e-2)
+    check(flex, q, k, v, None, None, {"decode": True}, atol=2e-2)

@@ -13,7 +13,6 @@ from helpers import learnable_biases, random_block_mask, random_qkv
 
 import flexjax as fj
 from flexjax import masks, mods
-from flexjax.api import flex_attention
 from flexjax.examples import EXAMPLES
 from flexjax.reference import flex_attention_reference, head_slice, shift_score_mod
 
@@ -28,7 +27,7 @@ def _loss(attn, q, k, v, seed=0, lse_weight=0.3, **kw):
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(finite_lse * w_lse)
 
 
-def grads_both(q, k, v, argnums=(0, 1, 2), extra=(), make_kw=None, **kw):
+def grads_both(flex, q, k, v, argnums=(0, 1, 2), extra=(), make_kw=None, **kw):
     """(flexjax grads, float32 reference grads) of the same loss with respect to argnums.
 
     extra: more differentiable arguments (captured arrays); make_kw(*extra)
@@ -43,7 +42,7 @@ def grads_both(q, k, v, argnums=(0, 1, 2), extra=(), make_kw=None, **kw):
         return _loss(attn, q, k, v, **kw, **more)
 
     def our_attn(q, k, v, **a):
-        return flex_attention(q, k, v, kernel_options=options, **a)
+        return flex(q, k, v, kernel_options=options, **a)
 
     def ref_attn(q, k, v, **a):
         f32 = (x.astype(jnp.float32) for x in (q, k, v))
@@ -71,26 +70,26 @@ def assert_grads_close(ours, ref, dtype, tol=None):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", list(EXAMPLES))
-def test_every_seed_example_gradients(name, dtype):
+def test_every_seed_example_gradients(flex, name, dtype):
     case = EXAMPLES[name].case("small", S=96 if name != "jagged" else 256, H=2, B=2, D=16)
     bm = None
     if case.mask_mod is not None:
         bm = fj.create_block_mask(case.mask_mod, 1, 1, case.Q_LEN, case.KV_LEN, BLOCK_SIZE=32)
     q, k, v = random_qkv(1, case.B, case.H, case.Q_LEN, case.KV_LEN, case.D, dtype=dtype)
-    ours, ref = grads_both(q, k, v, score_mod=case.score_mod, block_mask=bm)
+    ours, ref = grads_both(flex, q, k, v, score_mod=case.score_mod, block_mask=bm)
     assert [g.dtype for g in ours] == [dtype] * 3
     assert_grads_close(ours, ref, dtype)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_masks_and_block_sizes(seed):
+def test_random_masks_and_block_sizes(flex, seed):
     bm, L, S = random_block_mask(seed)
     q, k, v = random_qkv(seed, 1, 2, L, S, 16)
-    ours, ref = grads_both(q, k, v, block_mask=bm, seed=seed)
+    ours, ref = grads_both(flex, q, k, v, block_mask=bm, seed=seed)
     assert_grads_close(ours, ref, jnp.float32)
 
 
-def test_captured_array_gradients_with_gqa_broadcast_and_odd_lengths():
+def test_captured_array_gradients_with_gqa_broadcast_and_odd_lengths(flex):
     # Learnable ALiBi slopes[h], a relative-position table[q - kv + S] and a
     # Graphormer-style table[h, dist[b, q, kv]], all at once; Hq=4 over Hkv=2,
     # Ev != E, k/v batch-broadcast, odd lengths with L < S, a per-head mask.
@@ -103,13 +102,13 @@ def test_captured_array_gradients_with_gqa_broadcast_and_odd_lengths():
     bm = fj.create_block_mask(head_window, None, H, L, S, BLOCK_SIZE=16)
     extra, make_kw = learnable_biases(B, H, L, S, alibi_scale=0.05)
     ours, ref = grads_both(
-        q, k, v, argnums=range(6), extra=extra, make_kw=make_kw,
+        flex, q, k, v, argnums=range(6), extra=extra, make_kw=make_kw,
         block_mask=bm, enable_gqa=True,
     )  # fmt: skip
     assert_grads_close(ours, ref, jnp.float32, tol=2e-5)
 
 
-def test_library_learnable_biases_get_gradients():
+def test_library_learnable_biases_get_gradients(flex):
     # The library's own mod factories with a learnable captured array.
     q, k, v = random_qkv(3, 1, 2, 64, 64, 16)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=32)
@@ -119,45 +118,45 @@ def test_library_learnable_biases_get_gradients():
         ((slopes,), lambda s: dict(score_mod=mods.generate_alibi_bias(2, slopes=s))),
         ((table,), lambda t: dict(score_mod=mods.generate_relative_bias_table(t, 16))),
     ]:
-        ours, ref = grads_both(q, k, v, argnums=(0, 3), extra=extra, make_kw=make_kw, block_mask=bm)
+        ours, ref = grads_both(flex, q, k, v, argnums=(0, 3), extra=extra, make_kw=make_kw, block_mask=bm)
         assert_grads_close(ours, ref, jnp.float32)
 
 
-def test_fully_masked_rows_and_unseen_keys_get_zero_gradients():
+def test_fully_masked_rows_and_unseen_keys_get_zero_gradients(flex):
     def holes(b, h, qi, kv):
         return (qi >= kv) & (qi % 5 != 2) & (kv % 7 != 3)
 
     bm = fj.create_block_mask(holes, 1, 1, 64, 64, BLOCK_SIZE=16)
     q, k, v = random_qkv(4, 1, 1, 64, 64, 16)
-    (dq, dk, dv), ref = grads_both(q, k, v, block_mask=bm)
+    (dq, dk, dv), ref = grads_both(flex, q, k, v, block_mask=bm)
     assert_grads_close((dq, dk, dv), ref, jnp.float32)
     rows, cols = np.arange(64) % 5 == 2, np.arange(64) % 7 == 3
     assert (np.asarray(dq)[0, 0, rows] == 0).all()
     assert (np.asarray(dk)[0, 0, cols] == 0).all() and (np.asarray(dv)[0, 0, cols] == 0).all()
 
 
-def test_lse_alone_out_alone_and_no_mask():
+def test_lse_alone_out_alone_and_no_mask(flex):
     q, k, v = random_qkv(5, 1, 2, 70, 70, 16)
     # Only lse is used: out's cotangent is a symbolic zero.
     f = lambda attn: lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v, return_lse=True)[1]))
     ref_attn = flex_attention_reference
     assert_grads_close(
-        jax.grad(f(flex_attention), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(f(flex), argnums=(0, 1, 2))(q, k, v),
         jax.grad(f(ref_attn), argnums=(0, 1, 2))(q, k, v),
         jnp.float32,
     )
     # Only out is used (no return_lse), no block mask, a score_mod.
-    ours, ref = grads_both(q, k, v, lse_weight=0.0, score_mod=mods.causal_bias)
+    ours, ref = grads_both(flex, q, k, v, lse_weight=0.0, score_mod=mods.causal_bias)
     assert_grads_close(ours, ref, jnp.float32)
 
 
-def test_grad_composes_with_jit_and_vmap_and_is_deterministic():
+def test_grad_composes_with_jit_and_vmap_and_is_deterministic(flex):
     q, k, v = random_qkv(6, 3, 2, 64, 64, 16)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=32)
     alibi = mods.generate_alibi_bias(2)
 
     def loss(q, k, v):
-        return jnp.sum(jnp.tanh(flex_attention(q, k, v, score_mod=alibi, block_mask=bm)))
+        return jnp.sum(jnp.tanh(flex(q, k, v, score_mod=alibi, block_mask=bm)))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     # vmap over the batch, one [1, H, L, E] problem per element.
@@ -175,13 +174,13 @@ def test_grad_composes_with_jit_and_vmap_and_is_deterministic():
     assert_grads_close(whole, ref, jnp.float32)
 
 
-def test_backward_keeps_memory_linear_in_sequence_length():
+def test_backward_keeps_memory_linear_in_sequence_length(flex):
     # No intermediate of the gradient computation outside the kernels has L x S elements.
     L = S = 1024
     q, k, v = random_qkv(7, 1, 1, L, S, 16)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, S)
     loss = lambda q, k, v: jnp.sum(
-        flex_attention(q, k, v, block_mask=bm, score_mod=mods.causal_bias)
+        flex(q, k, v, block_mask=bm, score_mod=mods.causal_bias)
     )
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
@@ -199,19 +198,19 @@ def test_backward_keeps_memory_linear_in_sequence_length():
     assert max(sizes(jaxpr.jaxpr)) < L * S // 8
 
 
-def test_backward_kernel_options():
+def test_backward_kernel_options(flex):
     q, k, v = random_qkv(8, 1, 1, 64, 64, 32)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=64)
     opts = dict(bwd_block_m=16, bwd_block_n=32)
-    ours, ref = grads_both(q, k, v, block_mask=bm, kernel_options=opts)
+    ours, ref = grads_both(flex, q, k, v, block_mask=bm, kernel_options=opts)
     assert_grads_close(ours, ref, jnp.float32)
     with pytest.raises(ValueError, match="bwd_block_m=48"):
-        flex_attention(q, k, v, block_mask=bm, kernel_options=dict(bwd_block_m=48))
+        flex(q, k, v, block_mask=bm, kernel_options=dict(bwd_block_m=48))
     # The dq kernel uses the tiles transposed: each must divide both block sizes.
     bm_32_64 = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=(32, 64))
     with pytest.raises(ValueError, match="bwd_block_n=64.*transposed"):
-        flex_attention(q, k, v, block_mask=bm_32_64, kernel_options=dict(bwd_block_n=64))
-    ours, ref = grads_both(q, k, v, block_mask=bm_32_64)  # default tiles fit both ways
+        flex(q, k, v, block_mask=bm_32_64, kernel_options=dict(bwd_block_n=64))
+    ours, ref = grads_both(flex, q, k, v, block_mask=bm_32_64)  # default tiles fit both ways
     assert_grads_close(ours, ref, jnp.float32)
 
 
@@ -225,7 +224,7 @@ def _vjp(attn, q, k, v, dout, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(EXAMPLES))
-def test_seed_example_gradients_at_seed_sizes_on_gpu(name):
+def test_seed_example_gradients_at_seed_sizes_on_gpu(flex, name):
     case = EXAMPLES[name].case("seed")
     bm = None
     if case.mask_mod is not None:
@@ -233,8 +232,8 @@ def test_seed_example_gradients_at_seed_sizes_on_gpu(name):
     q, k, v = random_qkv(0, case.B, case.H, case.Q_LEN, case.KV_LEN, case.D, dtype=case.dtype)
     dout = random_qkv(1, case.B, case.H, case.Q_LEN, 1, case.D, dtype=case.dtype)[0]
     kw = dict(score_mod=case.score_mod, block_mask=bm)
-    grads = jax.jit(lambda *a: _vjp(flex_attention, *a, **kw))(q, k, v, dout)
-    again = jax.jit(lambda *a: _vjp(flex_attention, *a, **kw))(q, k, v, dout)
+    grads = jax.jit(lambda *a: _vjp(flex, *a, **kw))(q, k, v, dout)
+    again = jax.jit(lambda *a: _vjp(flex, *a, **kw))(q, k, v, dout)
     for a, b in zip(grads, again, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
     for b0, h0 in {(0, 0), (case.B - 1, case.H - 1)}:
@@ -252,25 +251,25 @@ def test_seed_example_gradients_at_seed_sizes_on_gpu(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
-def test_gradient_dtypes_and_head_dims_on_gpu(dtype, head_dim):
+def test_gradient_dtypes_and_head_dims_on_gpu(flex, dtype, head_dim):
     q, k, v = random_qkv(1, 2, 4, 1000, 1100, head_dim, Hkv=2, dtype=dtype)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, 1000, 1100)
     softcap = mods.generate_tanh_softcap(20.0, approx=dtype != jnp.float32)
-    ours, ref = grads_both(q, k, v, block_mask=bm, enable_gqa=True, score_mod=softcap)
+    ours, ref = grads_both(flex, q, k, v, block_mask=bm, enable_gqa=True, score_mod=softcap)
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     assert_grads_close(ours, ref, dtype, tol=tol)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
-def test_captured_array_gradients_on_gpu(dtype):
+def test_captured_array_gradients_on_gpu(flex, dtype):
     # Atomic adds on the GPU: compared with the reference, not bit for bit.
     B, H, L, S = 2, 4, 1024, 1024
     q, k, v = random_qkv(2, B, H, L, S, 64, dtype=dtype)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, S)
     extra, make_kw = learnable_biases(B, H, L, S, alibi_scale=0.01)
     ours, ref = grads_both(
-        q, k, v, argnums=range(6), extra=extra, make_kw=make_kw,
+        flex, q, k, v, argnums=range(6), extra=extra, make_kw=make_kw,
         block_mask=bm,
     )  # fmt: skip
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
@@ -279,7 +278,7 @@ def test_captured_array_gradients_on_gpu(dtype):
 
 @pytest.mark.parametrize("scale", [0.7, -0.3, 0.0])
 @pytest.mark.parametrize("with_score_mod", [False, True])
-def test_any_scale_forward_and_backward(scale, with_score_mod):
+def test_any_scale_forward_and_backward(flex, scale, with_score_mod):
     """The kernels fold a positive scale into exp2's argument when there is no score_mod;
     a negative or zero scale (and any scale with a score_mod) takes the unfolded path."""
     L, S = 70, 90
@@ -295,7 +294,7 @@ def test_any_scale_forward_and_backward(scale, with_score_mod):
 
         return f
 
-    got = jax.value_and_grad(loss(fj.flex_attention), (0, 1, 2))(q, k, v)
+    got = jax.value_and_grad(loss(flex), (0, 1, 2))(q, k, v)
     want = jax.value_and_grad(loss(flex_attention_reference), (0, 1, 2))(q, k, v)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
     for g, w in zip(got[1], want[1], strict=True):

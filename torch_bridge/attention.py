@@ -25,42 +25,27 @@ from flexjax import BlockMask
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE
 from torch_bridge.block_mask import from_torch_block_mask
 from torch_bridge.convert import array_to_torch, check_same_device, tensor_to_jax
-from torch_bridge.mods import captured_tensors, rebuild
+from torch_bridge.mods import captured_tensors, jax_arrays, rebuild, with_jax_arrays
 
 __all__ = ["create_block_mask", "flex_attention"]
 
 
-def _jax_captures(fn, differentiable: bool):
-    """({id(tensor): jax array} for the tensors fn captures, the float ones needing grad if asked)."""
-    tensors = captured_tensors(fn)
-    arrays = {id(t): tensor_to_jax(t, f"a tensor captured by {_name(fn)}", False) for t in tensors}
-    diff = [t for t in tensors if differentiable and t.requires_grad and t.is_floating_point()]
-    return arrays, diff
-
-
-def _name(fn) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+def _jax_captures(fn):
+    """({id(tensor): jax array} for the tensors fn captures, the float ones that require grad)."""
+    diff = [t for t in captured_tensors(fn) if t.requires_grad and t.is_floating_point()]
+    return jax_arrays(fn), diff
 
 
 def _to_flexjax_block_mask(block_mask, mask_mod):
+    """A flexjax BlockMask (its mask_mod's captured arrays are already jax arrays: it traced them)."""
     if block_mask is None or isinstance(block_mask, BlockMask):
         if mask_mod is not None:
             raise ValueError(
                 "mask_mod= is only for converting a torch BlockMask; a flexjax BlockMask "
                 "already carries its mask_mod"
             )
-        bm = block_mask
-    else:
-        bm = from_torch_block_mask(block_mask, mask_mod=mask_mod)
-    if bm is None:
-        return None
-    arrays, _ = _jax_captures(bm.mask_mod, differentiable=False)
-    if not arrays:
-        return bm
-    tables, _ = bm.tree_flatten()
-    return BlockMask(
-        bm.seq_lengths, *tables, BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=rebuild(bm.mask_mod, arrays)
-    )
+        return block_mask
+    return from_torch_block_mask(block_mask, mask_mod=mask_mod)
 
 
 class _FlexAttentionFunction(torch.autograd.Function):
@@ -128,7 +113,7 @@ def flex_attention(
     # run the kernels in interpret mode.
     kernel_options.setdefault("interpret", device.type != "cuda")
     bm = _to_flexjax_block_mask(block_mask, mask_mod)
-    arrays, diff = _jax_captures(score_mod, differentiable=True)
+    arrays, diff = _jax_captures(score_mod)
     diff_ids = [id(t) for t in diff]
 
     def run(q, k, v, *diff_arrays):
@@ -168,8 +153,7 @@ def create_block_mask(
     arrays, ready for `torch_bridge.flex_attention`.
     """
     dev = torch.device(device)
-    arrays, _ = _jax_captures(mask_mod, differentiable=False)
-    jax_mask_mod = rebuild(mask_mod, arrays)
+    jax_mask_mod = with_jax_arrays(mask_mod)
     platform = "gpu" if dev.type == "cuda" else "cpu"
     target = jax.devices(platform)[dev.index or 0]
     with jax.default_device(target):  # build there too, not only store there

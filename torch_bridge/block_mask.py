@@ -2,7 +2,8 @@
 
 torch's mask_mod is a torch function that JAX cannot run; a mask with partial
 blocks therefore needs its jnp equivalent (`mask_mod=`). Full and empty blocks
-need none.
+need none. The jnp mask_mod may capture torch tensors: they become jax arrays
+(shared through DLPack) before flexjax traces it.
 """
 
 from __future__ import annotations
@@ -13,19 +14,12 @@ import jax
 import torch
 
 from flexjax import BlockMask, noop_mask
+from pallas_kernels.spec import BlockTables
+from torch_bridge.mods import with_jax_arrays
 
 __all__ = ["from_torch_block_mask"]
 
-_TABLES = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
+_TABLES = BlockTables._fields
 
 
 def _to_jax(t: torch.Tensor | None) -> jax.Array | None:
@@ -58,5 +52,5 @@ def from_torch_block_mask(block_mask, mask_mod: Callable | None = None) -> Block
         tuple(int(n) for n in block_mask.seq_lengths),
         *(converted[name] for name in _TABLES),
         BLOCK_SIZE=tuple(int(n) for n in block_mask.BLOCK_SIZE),
-        mask_mod=mask_mod,
+        mask_mod=with_jax_arrays(mask_mod),
     )

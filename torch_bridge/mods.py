@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["captured_tensors", "rebuild"]
+from torch_bridge.convert import tensor_to_jax
+
+__all__ = ["captured_tensors", "jax_arrays", "rebuild", "with_jax_arrays"]
 
 
 def _walk(obj, replace, memo):
@@ -115,3 +117,19 @@ def rebuild(fn: Callable | None, replacements: dict[int, object]) -> Callable | 
     if fn is None:
         return None
     return _walk(fn, lambda t: replacements[id(t)], {})
+
+
+
+def jax_arrays(fn: Callable | None) -> dict[int, object]:
+    """{id(tensor): a jax array sharing its memory} for each torch tensor `fn` captures."""
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    return {
+        id(t): tensor_to_jax(t, f"a tensor captured by {name}", False)
+        for t in captured_tensors(fn)
+    }
+
+
+def with_jax_arrays(fn: Callable | None) -> Callable | None:
+    """fn with every torch tensor it captures replaced by a jax array sharing its memory."""
+    arrays = jax_arrays(fn)
+    return rebuild(fn, arrays) if arrays else fn

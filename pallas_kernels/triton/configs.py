@@ -1,11 +1,11 @@
-"""Default kernel configs, and kernel_options parsing.
+"""The Triton kernels' configs: defaults, kernel_options, shared-memory fit and the autotune space.
 
 One heuristic function per kernel picks the compute tiles; the BlockMask's
 sparse block size is a separate idea (a compute tile must divide it). The GPU
 defaults are per (dtype, head dim) and come from `bench/sweep_configs.py` on
 an H100 (bench/results/sweep_*): the fastest config there, preferring fewer
-resources on near ties. `pallas_kernels.autotune` can time a space of configs for a
-particular call instead.
+resources on near ties. `pallas_kernels.autotune` can time `AUTOTUNE_SPACE`
+for a particular call instead.
 """
 
 from __future__ import annotations
@@ -15,27 +15,41 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flex_bwd_triton import BwdConfig
-from pallas_kernels.flex_decode_triton import DecodeConfig
-from pallas_kernels.flex_fwd_triton import FwdConfig
-from pallas_kernels.mod_tracer import NO_LOADS, ModLoads
+from pallas_kernels.mod_eval import NO_LOADS, ModLoads
+from pallas_kernels.triton.bwd import BwdConfig
+from pallas_kernels.triton.decode import DecodeConfig
+from pallas_kernels.triton.fwd import FwdConfig
+from pallas_kernels.triton.launch import padded_dim
 
 __all__ = [
-    "KERNEL_OPTION_KEYS",
+    "AUTOTUNE_SPACE",
+    "OPTION_KEYS",
     "bwd_config",
     "decode_config",
-    "default_interpret",
     "fwd_config",
+    "smem_limit",
+    "tiles_divide",
 ]
 
 FWD_OPTION_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
 BWD_OPTION_KEYS = ("bwd_block_m", "bwd_block_n", "bwd_num_warps", "bwd_num_stages")
-DECODE_OPTION_KEYS = (
-    "decode", "decode_block_n", "decode_splits", "decode_num_warps", "decode_num_stages",
-)  # fmt: skip
-KERNEL_OPTION_KEYS = (
-    *FWD_OPTION_KEYS, *BWD_OPTION_KEYS, *DECODE_OPTION_KEYS, "autotune", "interpret",
-)  # fmt: skip
+DECODE_OPTION_KEYS = ("decode_block_n", "decode_splits", "decode_num_warps", "decode_num_stages")
+# The kernel_options keys the Triton backend reads (beside the generic ones of `dispatch`).
+OPTION_KEYS = (*FWD_OPTION_KEYS, *BWD_OPTION_KEYS, *DECODE_OPTION_KEYS)
+
+# Searched values per kernel (`pallas_kernels.autotune`, `bench/sweep_configs.py`);
+# explicitly given kernel_options are held fixed.
+AUTOTUNE_SPACE = {
+    "gpu": {
+        "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
+        "bwd": dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
+    },
+    # Interpret mode: a tiny space, so CPU tests exercise the mechanism.
+    "interpret": {
+        "fwd": dict(block_m=(32, 64), block_n=(32,), num_warps=(4,), num_stages=(1,)),
+        "bwd": dict(block_m=(32,), block_n=(32, 64), num_warps=(4,), num_stages=(1,)),
+    },
+}
 
 # (block_m, block_n, num_warps, num_stages) by (float32?, head dim bound); measured
 # choices cite bench/results/sweep_h100_2026-11-25.md, the others are untested guesses.
@@ -66,16 +80,6 @@ _GATHER_HEAVY = 4
 _FWD_GPU_GATHER_HEAVY_128 = (64, 64, 4, 2)
 # Decode kernel: block_n, num_warps, num_stages.
 _DECODE_GPU = (64, 4, 3)
-# Queries shorter than this may take the decode kernel.
-DECODE_MAX_Q_LEN = 128
-
-
-def default_interpret() -> bool:
-    """Interpret mode whenever JAX has no GPU, so CPU tests run the real kernel code."""
-    try:
-        return not any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return True
 
 
 # Shared memory one program may use, by compute capability (Triton's limit: the
@@ -119,7 +123,7 @@ def _shrink_to_fit(tiles: tuple, smem_bytes, limit: int, given: tuple) -> tuple:
 
 
 def _row_bytes(head_dim: int, dtype) -> int:
-    return _pow2_at_least(head_dim) * jnp.dtype(dtype).itemsize  # one padded q/k/v row
+    return padded_dim(head_dim) * jnp.dtype(dtype).itemsize  # one q/k/v tile row
 
 
 def _forward_smem(head_dim: int, dtype, loads: ModLoads):
@@ -173,7 +177,6 @@ def fwd_config(
 ) -> FwdConfig:
     """The forward kernel's config; loads: what the call's mods gather (mod_loads)."""
     options = dict(options or {})
-    _check_keys(options)
     if interpret:
         # Few, large tiles keep interpret mode fast; nothing constrains the shapes.
         want_m, want_n, warps, stages = 64, 64, 4, 1
@@ -216,7 +219,6 @@ def bwd_config(
 ) -> BwdConfig:
     """Tiles for the dq and dk/dv kernels (`bwd_*` kernel_options override them)."""
     options = dict(options or {})
-    _check_keys(options)
     if interpret:
         want_m, want_n, warps, stages = 64, 64, 4, 2
     else:
@@ -265,27 +267,13 @@ def decode_config(
     options: dict | None,
     loads: ModLoads = NO_LOADS,
 ) -> DecodeConfig | None:
-    """The split-KV decode kernel's config, or None when the regular forward should run.
+    """The split-KV decode kernel's config (the dispatch layer decided the call decodes).
 
-    kernel_options["decode"]: None/absent = automatic (queries shorter than
-    DECODE_MAX_Q_LEN that fit in the BlockMask's first q block), False = never,
-    True = required (an error if the query does not qualify).
+    Needs q_len <= q_block_size: every query row lies in the first q block.
     """
     options = dict(options or {})
-    _check_keys(options)
-    want = options.get("decode")
-    if want is not None and not isinstance(want, bool):
-        raise ValueError(f"kernel_options['decode'] must be True, False or None, got {want!r}")
-    if want is False:
-        return None
-    if q_len >= DECODE_MAX_Q_LEN or q_len > q_block_size:
-        if want:
-            raise ValueError(
-                "kernel_options['decode']=True needs a query shorter than "
-                f"{DECODE_MAX_Q_LEN} rows within the BlockMask's first q block "
-                f"(Q_LEN={q_len}, q BLOCK_SIZE={q_block_size})"
-            )
-        return None
+    if q_len > q_block_size:
+        raise ValueError(f"the decode kernel needs Q_LEN={q_len} <= the q BLOCK_SIZE {q_block_size}")
     # GQA packing: one program per kv head, its G query heads stacked as rows.
     packed = (mask_head_broadcast or group_size == 1) and group_size * q_len <= 128
     heads = group_size if packed else 1
@@ -318,12 +306,6 @@ def decode_config(
     )
 
 
-def _check_keys(options: dict) -> None:
-    unknown = set(options) - set(KERNEL_OPTION_KEYS)
-    if unknown:
-        raise ValueError(
-            f"kernel_options has unknown keys {sorted(unknown)}; known: {list(KERNEL_OPTION_KEYS)}"
-        )
 
 
 def _check_tiles(

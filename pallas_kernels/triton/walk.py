@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.score_tile import div_static, rem_static
+from pallas_kernels.triton.launch import div_static, rem_static
 
 __all__ = ["walk_tiles"]
 

@@ -1,28 +1,24 @@
-"""Run a user's score_mod / mask_mod inside a Pallas kernel.
+"""Evaluate a traced mod (`mod_trace.ModProgram`) on tiles, inside any backend's kernel.
 
-Pallas refuses kernels that close over arrays, and a mod usually does
-(`document_id[q_idx]`, `alibi[h]`, `intervals[image_idx][0]`). So:
+The program is a jaxpr traced on *scalar* indices; here every scalar stands
+for a whole tile: b and h are scalars, q_idx is [BM, 1] (or [1, BM]), kv_idx
+[1, BN] (or [BN, 1]), the score [BM, BN] (or its transpose). Elementwise ops
+broadcast tiles; a small non-scalar value (a gather index vector, a row such
+as `intervals[i]`) is a numpy object array of tiles, handled by static
+structural ops; indexing a hoisted captured array becomes a gather from its
+(flattened) ref. This walk is shared; what differs per backend -- gathers,
+scatter-adds, approximate math -- comes from its `TileOps`.
 
-1. `trace_mod` traces the mod once on *scalar* int32 indices (its PyTorch
-   semantics) into a jaxpr. Every captured non-scalar array becomes a const of
-   that jaxpr; they are *hoisted*: flattened to 1-D and passed to the kernel as
-   extra inputs. Captured scalars are baked in as literals. The jaxpr without
-   its consts is a hashable `ModProgram`: two mods with the same code and
-   const shapes share one compiled kernel, whatever the captured values.
+`eval_score_mod_vjp` is the backward's version: it evaluates the score_mod
+once to record every gather from a hoisted array, then re-evaluates it as a
+function of (score tile, gathered values) under `jax.vjp`. That gives the
+derivative with respect to the score, and the cotangent of each gathered
+value together with the flat indices it came from: the kernel scatter-adds
+those into the captured array's gradient (a learnable bias).
 
-2. `eval_mod` evaluates that scalar jaxpr inside the kernel, with every scalar
-   standing for a whole tile: b and h are scalars, q_idx is [BM, 1], kv_idx is
-   [1, BN], the score [BM, BN]. Elementwise ops broadcast tiles; a small
-   non-scalar value (a gather index vector, a row such as `intervals[i]`) is a
-   numpy object array of tiles, handled by static structural ops; indexing a
-   hoisted array becomes a gather load from its ref at flat indices.
-
-3. `eval_score_mod_vjp` is the backward's version: it evaluates the score_mod
-   once to record every gather from a hoisted array, then re-evaluates it as a
-   function of (score tile, gathered values) under `jax.vjp`. That gives the
-   derivative with respect to the score, and the cotangent of each gathered
-   value together with the flat indices it came from: the kernel scatter-adds
-   those into the captured array's gradient (a learnable bias).
+`mod_loads` evaluates a program abstractly to classify its gathers, which
+backends use to pick tiles (a gather of a whole [BM, BN] tile costs shared
+memory).
 
 Only what a mod can express per score element is supported; anything else
 raises `ModTraceError` naming the mod and the operation.
@@ -32,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,73 +36,10 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from pallas_kernels.approx_math import tanh_approx_p
+from pallas_kernels.mod_trace import ModProgram, ModTraceError
+from pallas_kernels.tile_ops import TileOps
 
-__all__ = [
-    "NO_LOADS",
-    "ModLoads",
-    "ModProgram",
-    "ModTraceError",
-    "eval_mod",
-    "eval_score_mod_vjp",
-    "mod_loads",
-    "trace_mod",
-]
-
-
-class ModTraceError(TypeError):
-    """A mod uses something the kernels cannot evaluate per tile."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModProgram:
-    """A mod's jaxpr with its captured arrays removed (they are kernel inputs).
-
-    Equality and hashing use the printed jaxpr and the const avals, so it can
-    be a static argument of jax.jit: same code, new captured values -> cache hit.
-    """
-
-    name: str
-    is_score_mod: bool
-    jaxpr: jex_core.Jaxpr
-    # One per constvar: ("literal", value) baked in, or ("hoisted", k): kernel input k.
-    const_slots: tuple
-    const_shapes: tuple[tuple[int, ...], ...]
-    const_dtypes: tuple[str, ...]
-    key: str
-
-    def __eq__(self, other):
-        return isinstance(other, ModProgram) and self.key == other.key
-
-    def __hash__(self):
-        return hash(self.key)
-
-
-def _mod_name(fn) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-
-
-def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Array]]:
-    """Trace `fn` on scalars; return its program and its hoisted arrays (flattened to 1-D)."""
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
-    args = (i32,) * 4
-    if is_score_mod:
-        args = (jax.ShapeDtypeStruct((), jnp.float32),) + args
-    closed = jax.make_jaxpr(fn)(*args)
-    hoisted, slots = [], []
-    for val in closed.consts:
-        if np.ndim(val) == 0 and not isinstance(val, jax.core.Tracer):
-            slots.append(("literal", np.asarray(val)))  # captured scalars are baked in
-        else:
-            slots.append(("hoisted", len(hoisted)))
-            hoisted.append(jnp.asarray(val))
-    shapes = tuple(tuple(c.shape) for c in hoisted)
-    dtypes = tuple(str(c.dtype) for c in hoisted)
-    literals = ";".join(f"{v.dtype}:{v.tolist()}" for kind, v in slots if kind == "literal")
-    key = f"{is_score_mod}|{shapes}|{dtypes}|{literals}|{closed.jaxpr}"
-    program = ModProgram(
-        _mod_name(fn), is_score_mod, closed.jaxpr, tuple(slots), shapes, dtypes, key
-    )
-    return program, [c.reshape(-1) for c in hoisted]
+__all__ = ["NO_LOADS", "ModLoads", "eval_mod", "eval_score_mod_vjp", "mod_loads"]
 
 
 # --------------------------------------------------------------------------
@@ -155,9 +88,9 @@ class _Evaluator:
     those gathers, in the same order (no loads happen then).
     """
 
-    def __init__(self, program: ModProgram, on_gpu: bool, record=None, replay=None):
+    def __init__(self, program: ModProgram, ops: TileOps, record=None, replay=None):
         self.program = program
-        self.on_gpu = on_gpu
+        self.ops = ops
         self.record = record
         self.replay = replay
 
@@ -181,15 +114,11 @@ class _Evaluator:
                 for t in tiles
             ]
             if prim is tanh_approx_p:
-                out[pos] = self.tanh_approx(tiles[0])
+                x = tiles[0]
+                out[pos] = self.ops.tanh_approx(x.astype(jnp.float32)).astype(x.dtype)
                 continue
             out[pos] = prim.bind(*_broadcast_tiles(tiles), **params)
         return out if shape else out[()]
-
-    def tanh_approx(self, x):
-        if self.on_gpu:
-            return _gpu_approx_tanh(x.astype(jnp.float32)).astype(x.dtype)
-        return jnp.tanh(x)
 
     # -- loads from hoisted arrays -----------------------------------------
     def load(self, hoisted: _Hoisted, index_per_dim):
@@ -209,7 +138,7 @@ class _Evaluator:
             flat = jnp.int32(flat)
         if self.replay is not None:
             return next(self.replay)
-        value = hoisted.ref[flat]
+        value = self.ops.gather(hoisted.ref, flat)
         if self.record is not None:
             self.record.append((hoisted.slot, flat, value))
         return value
@@ -348,14 +277,14 @@ def eval_mod(
     hoisted_refs: Sequence,
     args: Sequence,
     out_shape: tuple[int, int],
-    on_gpu: bool,
+    ops: TileOps,
 ):
     """Evaluate `program` in a kernel; args are (score?, b, h, q_idx, kv_idx) tiles.
 
     Returns one [BM, BN] tile (bool for a mask_mod, float32 for a score_mod).
     """
     consts = _consts(program, hoisted_refs)
-    (out,) = _Evaluator(program, on_gpu).run(program.jaxpr, consts, list(args))
+    (out,) = _Evaluator(program, ops).run(program.jaxpr, consts, list(args))
     return _as_tile(out, out_shape)
 
 
@@ -364,7 +293,7 @@ def eval_score_mod_vjp(
     hoisted_refs: Sequence,
     args: Sequence,
     out_shape: tuple[int, int],
-    on_gpu: bool,
+    ops: TileOps,
     grad_slots: Sequence[int],
 ):
     """A score_mod's value and pullback on one tile, for the backward kernels.
@@ -376,14 +305,14 @@ def eval_score_mod_vjp(
     """
     consts = _consts(program, hoisted_refs)
     loads = []
-    _Evaluator(program, on_gpu, record=loads).run(program.jaxpr, consts, list(args))
+    _Evaluator(program, ops, record=loads).run(program.jaxpr, consts, list(args))
     diff = [i for i, (slot, _, _) in enumerate(loads) if slot in grad_slots]
 
     def score_of(score, *diff_values):
         values = [value for _, _, value in loads]
         for i, value in zip(diff, diff_values, strict=True):
             values[i] = value
-        evaluator = _Evaluator(program, on_gpu, replay=iter(values))
+        evaluator = _Evaluator(program, ops, replay=iter(values))
         (out,) = evaluator.run(program.jaxpr, consts, [score, *args[1:]])
         return _as_tile(out, out_shape).astype(jnp.float32)
 
@@ -397,13 +326,11 @@ def eval_score_mod_vjp(
 
 
 def _consts(program: ModProgram, hoisted_refs: Sequence) -> list:
-    consts = []
-    for kind, val in program.const_slots:
-        if kind == "literal":
-            consts.append(val[()])
-        else:
-            consts.append(_Hoisted(hoisted_refs[val], program.const_shapes[val], val))
-    return consts
+    hoisted = [
+        _Hoisted(ref, shape, slot)
+        for slot, (ref, shape) in enumerate(zip(hoisted_refs, program.const_shapes, strict=True))
+    ]
+    return program.const_values(hoisted)
 
 
 def _as_tile(out, out_shape):
@@ -462,23 +389,7 @@ def mod_loads(program: ModProgram | None) -> ModLoads:
     args = (i32(0), i32(0), jnp.zeros((2, 1), i32), jnp.zeros((1, 3), i32))
     if program.is_score_mod:
         args = (jnp.zeros((2, 3), jnp.float32), *args)
-    jax.eval_shape(lambda: eval_mod(program, refs, args, (2, 3), on_gpu=False))
+    jax.eval_shape(lambda: eval_mod(program, refs, args, (2, 3), TileOps()))
     tile = sum(size for shape, size in sink if shape == (2, 3))
     vectors = sum(1 for shape, _ in sink if shape in ((2, 1), (1, 3)))
     return ModLoads(tile, vectors)
-
-
-@jax.custom_jvp
-def _gpu_approx_tanh(x):
-    """`tanh.approx.f32`, with the derivative 1 - t^2 so the backward can use it too."""
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.approx_tanh(x)
-
-
-@_gpu_approx_tanh.defjvp
-def _gpu_approx_tanh_jvp(primals, tangents):
-    from jax.experimental.pallas import triton as plgpu
-
-    t = plgpu.approx_tanh(primals[0])
-    return t, tangents[0] * (1.0 - t * t)

@@ -1,0 +1,286 @@
+"""Kernel backends, the choice between them, and the one entry point below the public API.
+
+A backend is one implementation of the attention kernels -- forward,
+backward (dq, dk/dv, captured-array gradients), decode -- with its own
+configs, autotune space, tile operations and shared-memory estimates. It
+takes the backend-neutral call (`spec.KernelSpec`, `spec.BlockTables`,
+`spec.Mods`, the index offsets) and plain arrays. The Triton kernels
+(`pallas_kernels.triton`) are the first; a Mosaic GPU backend joins by
+registering a second.
+
+Choice, with PyTorch's key `kernel_options["BACKEND"]`:
+  * "AUTO" (the default): the first registered backend whose `supports`
+    accepts the call; if none does, an error listing every backend's reason.
+  * a name ("TRITON", ...): that backend, or an error with its reason. Never
+    a silent fallback to another implementation.
+
+`attention` is what `flexjax.flex_attention` calls after validating and
+canonicalising: select, configure (or autotune), and run the differentiable
+function of `vjp`. Every kernel launcher reports its traces to
+`kernel_traced`, so tests count retraces here, whatever the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import importlib
+from typing import Any
+
+import jax
+
+from pallas_kernels.spec import BlockTables, KernelSpec, Mods, TableView
+
+__all__ = [
+    "DECODE_MAX_Q_LEN",
+    "GENERIC_OPTION_KEYS",
+    "Backend",
+    "BackendUnavailable",
+    "KernelConfigs",
+    "KernelOptions",
+    "attention",
+    "backends",
+    "default_interpret",
+    "kernel_traced",
+    "register",
+    "select_backend",
+    "trace_count",
+]
+
+# Queries shorter than this (and within the BlockMask's first q block) may take
+# a backend's decode kernel.
+DECODE_MAX_Q_LEN = 128
+
+# kernel_options keys every backend shares; the rest belong to the chosen backend.
+GENERIC_OPTION_KEYS = ("BACKEND", "autotune", "decode", "interpret")
+
+# Backends that ship with flexjax, imported on first use; each registers itself.
+_BUILTIN_BACKENDS = ("pallas_kernels.triton",)
+
+
+class BackendUnavailable(NotImplementedError):
+    """The requested kernel backend cannot run this call (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfigs:
+    """A backend's configs for one call: forward, backward, and decode (None: no decode kernel)."""
+
+    fwd: Any
+    bwd: Any
+    decode: Any = None
+
+
+class Backend(abc.ABC):
+    """One implementation of the attention kernels.
+
+    Kernel methods take plain arrays in spec.layout's order and return plain
+    arrays: q [B, Hq, L, E], k [Bkv, Hkv, S, E], v [Bkv, Hkv, S, Ev], out
+    [B, Hq, L, Ev] in q's dtype, lse [B, Hq, L] float32 (natural log, -inf for
+    rows that keep nothing).
+    """
+
+    name: str  # what kernel_options["BACKEND"] calls it
+    option_keys: tuple[str, ...] = ()  # the kernel_options keys it reads
+
+    @abc.abstractmethod
+    def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
+        """None if this backend can run the call, else the reason it cannot."""
+
+    @abc.abstractmethod
+    def configs(
+        self, spec: KernelSpec, mods: Mods, options: dict, decode: bool
+    ) -> KernelConfigs:
+        """Default configs with `options` (this backend's kernel_options keys) applied."""
+
+    @abc.abstractmethod
+    def candidates(self, kind: str, spec: KernelSpec, mods: Mods, fixed: dict):
+        """The autotune space of kernel `kind` ("fwd" or "bwd") for this call, as configs.
+
+        fixed: the options the caller set (held fixed). Returns an iterable of
+        (dict of the varied options, config).
+        """
+
+    @abc.abstractmethod
+    def config_from(self, kind: str, values: dict):
+        """A config of kernel `kind` from the dict `candidates` produced (the autotune cache's form)."""
+
+    @abc.abstractmethod
+    def fwd(self, q, k, v, tables: TableView, mods: Mods, offsets, *, spec, cfg):
+        """(out, lse) over the row view of the tables."""
+
+    @abc.abstractmethod
+    def decode(self, q, k, v, tables: TableView, mods: Mods, offsets, *, spec, cfg):
+        """(out, lse) for a short query (L < DECODE_MAX_Q_LEN within the first q block)."""
+
+    @abc.abstractmethod
+    def bwd(self, q, k, v, do, lse, delta, tables: BlockTables, mods: Mods, offsets, *,
+            spec, cfg, grad_slots: tuple):  # fmt: skip
+        """(dq, dk, dv, captured-array gradients); lse and delta from `vjp.preprocess`.
+
+        grad_slots: which of the score_mod's captured arrays need a gradient;
+        their gradients come back flat, float32, in that order.
+        """
+
+    def __repr__(self) -> str:
+        return f"<flexjax kernel backend {self.name}>"
+
+
+_REGISTRY: dict[str, Backend] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def register(backend: Backend) -> None:
+    """Add a backend (after the ones already registered: AUTO tries them in this order)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register() takes a dispatch.Backend, got {type(backend).__name__}")
+    _REGISTRY[backend.name] = backend
+
+
+def backends() -> dict[str, Backend]:
+    """The registered backends by name, in AUTO's order (the built-in ones imported first)."""
+    for module in _BUILTIN_BACKENDS:
+        if module not in _IMPORT_ERRORS:
+            try:
+                importlib.import_module(module)
+                _IMPORT_ERRORS[module] = ""
+            except ImportError as e:  # e.g. a JAX without this Pallas lowering
+                _IMPORT_ERRORS[module] = f"{module} did not import: {e}"
+    return dict(_REGISTRY)
+
+
+def select_backend(name: str, spec: KernelSpec, mods: Mods) -> Backend:
+    """The backend that runs this call (see the module docstring)."""
+    registry = backends()
+    if name == "AUTO":
+        reasons = [f"{n}: {why}" for n, why in _IMPORT_ERRORS.items() if why]
+        for backend in registry.values():
+            why = backend.supports(spec, mods)
+            if why is None:
+                return backend
+            reasons.append(f"{backend.name}: {why}")
+        raise BackendUnavailable(
+            "no flexjax kernel backend can run this call: " + "; ".join(reasons)
+        )
+    if name not in registry:
+        raise ValueError(
+            f"kernel_options['BACKEND']={name!r} is not a kernel backend; "
+            f"known: {['AUTO', *registry]}"
+        )
+    why = registry[name].supports(spec, mods)
+    if why is not None:
+        raise BackendUnavailable(
+            f"kernel_options['BACKEND']={name!r} cannot run this call: {why}. "
+            "Use BACKEND='AUTO' to let flexjax choose."
+        )
+    return registry[name]
+
+
+def default_interpret() -> bool:
+    """Interpret mode whenever JAX has no GPU, so CPU tests run the real kernel code."""
+    try:
+        return not any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """kernel_options, parsed once: the generic keys typed, the backend's kept for it."""
+
+    backend: str = "AUTO"
+    autotune: bool = False
+    decode: bool | None = None
+    interpret: bool = False
+    backend_options: tuple = ()  # sorted (key, value) pairs for the chosen backend
+
+    @classmethod
+    def parse(cls, kernel_options: dict | None) -> KernelOptions:
+        options = dict(kernel_options or {})
+        if not all(isinstance(k, str) for k in options):
+            raise TypeError(f"kernel_options keys must be strings, got {list(options)}")
+        backend = options.pop("BACKEND", "AUTO")
+        if not isinstance(backend, str):
+            raise TypeError(f"kernel_options['BACKEND'] must be a string, got {backend!r}")
+        autotune = options.pop("autotune", False)
+        if not isinstance(autotune, bool):
+            raise ValueError(f"kernel_options['autotune'] must be True or False, got {autotune!r}")
+        decode = options.pop("decode", None)
+        if decode is not None and not isinstance(decode, bool):
+            raise ValueError(
+                f"kernel_options['decode'] must be True, False or None, got {decode!r}"
+            )
+        interpret = options.pop("interpret", None)
+        interpret = default_interpret() if interpret is None else bool(interpret)
+        return cls(
+            backend=backend.upper(),
+            autotune=autotune,
+            decode=decode,
+            interpret=interpret,
+            backend_options=tuple(sorted(options.items())),
+        )
+
+    def for_backend(self, backend: Backend) -> dict:
+        """The backend's options, after checking every key is one it (or dispatch) knows."""
+        options = dict(self.backend_options)
+        unknown = sorted(set(options) - set(backend.option_keys))
+        if unknown:
+            known = [*GENERIC_OPTION_KEYS, *backend.option_keys]
+            raise ValueError(
+                f"kernel_options has unknown keys {unknown} for the {backend.name} backend; "
+                f"known: {known}"
+            )
+        return options
+
+
+def uses_decode(spec: KernelSpec, want: bool | None) -> bool:
+    """Whether the call runs a decode kernel: short queries within the first q block.
+
+    want: kernel_options["decode"] (None automatic, False never, True required).
+    """
+    fits = spec.L < DECODE_MAX_Q_LEN and spec.L <= spec.q_block_size
+    if want and not fits:
+        raise ValueError(
+            "kernel_options['decode']=True needs a query shorter than "
+            f"{DECODE_MAX_Q_LEN} rows within the BlockMask's first q block "
+            f"(Q_LEN={spec.L}, q BLOCK_SIZE={spec.q_block_size})"
+        )
+    return fits and want is not False
+
+
+# ---------------------------------------------------------------------------- retraces
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def kernel_traced(backend: str, kernel: str) -> None:
+    """Called by a kernel launcher each time JAX traces it (not on a cache hit)."""
+    _TRACES[backend, kernel] += 1
+
+
+def trace_count(kernel: str, backend: str | None = None) -> int:
+    """How often `kernel` ("fwd", "dq", "dkdv", "decode") was traced, by any or one backend."""
+    return sum(n for (b, k), n in _TRACES.items() if k == kernel and backend in (None, b))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def attention(q, k, v, tables: BlockTables, mods: Mods, offsets, spec: KernelSpec,
+              options: KernelOptions):  # fmt: skip
+    """(out, lse) of one call, differentiable: select the backend, configure, run.
+
+    q, k, v in spec.layout's order; tables, mods, offsets as in `spec`.
+    """
+    from pallas_kernels import autotune, vjp  # vjp and autotune call back into backends
+
+    backend = select_backend(options.backend, spec, mods)
+    backend_options = options.for_backend(backend)
+    decode = uses_decode(spec, options.decode)
+    if options.autotune:
+        cfgs = autotune.tune(backend, spec, mods, q, k, v, tables, offsets, backend_options, decode)
+    else:
+        cfgs = backend.configs(spec, mods, backend_options, decode)
+    attend = vjp.attention_fn(backend, spec, mods.programs, cfgs)
+    return attend(q, k, v, tables, tuple(mods.score_consts), tuple(mods.mask_consts), offsets)
