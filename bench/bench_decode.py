@@ -32,6 +32,7 @@ from timing import time_jax, time_torch
 from torch.nn.attention import flex_attention as tfa
 
 import flexjax as fj
+from pallas_kernels.runtime import has_gpu
 from torch_bridge import tensor_to_jax
 
 
@@ -47,7 +48,7 @@ def main(argv=None):
     )  # fmt: skip
     args = p.parse_args(argv)
     variants = json.loads(args.variants)
-    gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
+    gpu = torch.cuda.is_available() and has_gpu()
     if not gpu:  # smoke-test sizes
         args.B, args.Hq, args.Hkv, args.S, args.D = 1, 4, 2, 256, 16
     reps = args.reps or (50 if gpu else 1)

@@ -55,6 +55,7 @@ from timing import time_jax, time_loop_jax, time_loop_torch, time_torch  # noqa:
 
 import flexjax as fj  # noqa: E402
 from flexjax.examples import EXAMPLES  # noqa: E402
+from pallas_kernels.runtime import has_gpu  # noqa: E402
 from torch_bridge import tensor_to_jax  # noqa: E402
 
 IMPLS = ("causal FA2", "F.sdpa + mask", "FlexAttention", "jax cuDNN", "flexjax")
@@ -336,7 +337,7 @@ def main(argv=None):
             fh.write(markdown(saved["meta"], saved["examples"]))
         chart(saved["meta"], saved["examples"], prefix + ".png")
         return
-    gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
+    gpu = torch.cuda.is_available() and has_gpu()
     scale = args.scale if args.scale != "auto" else ("seed" if gpu else "small")
     reps = args.reps or (20 if gpu else 1)
     meta = dict(meta_info(scale, gpu), timer=args.timer)

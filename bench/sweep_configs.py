@@ -29,6 +29,7 @@ from timing import time_jax
 
 import flexjax as fj
 from flexjax.examples import EXAMPLES
+from pallas_kernels.runtime import has_gpu
 
 GPU_SPACE = dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
 CPU_SPACE = dict(block_m=(32, 64), block_n=(64,), num_warps=(4,), num_stages=(1,))
@@ -62,7 +63,7 @@ def main(argv=None):
             help=f"restrict the GPU space's {key} to these values",
         )  # fmt: skip
     args = p.parse_args(argv)
-    gpu = any(d.platform == "gpu" for d in jax.devices())
+    gpu = has_gpu()
     overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
     if args.dtype:
         overrides["dtype"] = jnp.dtype(args.dtype)

@@ -19,20 +19,12 @@ import time
 
 import jax
 
-
-def _median_ms(run, reps: int) -> float:
-    run()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+from pallas_kernels.runtime import median_ms
 
 
 def time_jax(fn, reps: int = 20) -> float:
     """Median ms of `fn()` (a JAX computation), synchronised."""
-    return _median_ms(lambda: jax.block_until_ready(fn()), reps)
+    return median_ms(fn, reps)
 
 
 def time_torch(fn, reps: int, gpu: bool, grads=()) -> float:
@@ -41,7 +33,7 @@ def time_torch(fn, reps: int, gpu: bool, grads=()) -> float:
         from triton.testing import do_bench
 
         return do_bench(fn, grad_to_none=list(grads), return_mode="median")
-    return _median_ms(fn, reps)
+    return median_ms(fn, reps, sync=lambda result: result)
 
 
 def _loop_ms(run, sync, reps: int, before=None) -> float:

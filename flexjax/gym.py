@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ import numpy as np
 import flexjax as fj
 from flexjax.examples import EXAMPLES, Case
 from flexjax.reference import flex_attention_reference, head_slice, shift_score_mod
+from pallas_kernels.runtime import has_gpu, median_ms
 
 # Dense implementations hold B*H*L*S float32 scores (several copies under grad).
 _DENSE_SCORE_LIMIT = 1 << 28
@@ -49,20 +49,6 @@ class Row:
     max_err: float | None  # None: not checked (see note)
     ok: bool
     note: str = ""
-
-
-def _on_gpu() -> bool:
-    return any(d.platform == "gpu" for d in jax.devices())
-
-
-def _time_ms(fn, reps: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: trace, compile, run
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -164,8 +150,8 @@ def _run_example(
     got = [flex_fwd(q, k, v), *flex_bwd(q, k, v, dout)]
     jax.block_until_ready(got)
     print(f"    flexjax forward + backward, first call: {time.perf_counter() - t0:.1f} s")
-    fw = _time_ms(lambda: flex_fwd(q, k, v), reps)
-    fwbw = _time_ms(lambda: flex_bwd(q, k, v, dout), reps)
+    fw = median_ms(lambda: flex_fwd(q, k, v), reps)
+    fwbw = median_ms(lambda: flex_bwd(q, k, v, dout), reps)
     dense_elems = case.B * case.H * case.Q_LEN * case.KV_LEN
     if dense_elems > _DENSE_SCORE_LIMIT:
         print(f"    {dense_elems:.2e} scores do not fit densely: checking two (b, h) slices")
@@ -197,8 +183,8 @@ def _run_example(
             Row(
                 example=name,
                 impl=impl,
-                fw_ms=_time_ms(lambda fwd=fwd: fwd(q, k, v), reps),
-                bw_ms=_time_ms(lambda bwd=bwd: bwd(q, k, v, dout), reps),
+                fw_ms=median_ms(lambda fwd=fwd: fwd(q, k, v), reps),
+                bw_ms=median_ms(lambda bwd=bwd: bwd(q, k, v, dout), reps),
                 max_err=err,
                 ok=is_oracle or err <= tol,
                 note="the oracle" if is_oracle else "",
@@ -239,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-pictures", action="store_true", help="skip the block mask pictures")
     args = p.parse_args(argv)
 
-    gpu = _on_gpu()
+    gpu = has_gpu()
     scale = args.scale if args.scale != "auto" else ("seed" if gpu else "small")
     # Interpret-mode timings measure the interpreter, not the kernels: few repetitions.
     reps = args.reps or (20 if gpu else 2)

@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
-import time
 import warnings
 
 import jax
@@ -39,6 +37,7 @@ import numpy as np
 
 from pallas_kernels import vjp
 from pallas_kernels.dispatch import Backend, KernelConfigs
+from pallas_kernels.runtime import median_ms
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods
 
 __all__ = ["cache_path", "clear_memory_cache", "stats", "tune"]
@@ -135,21 +134,11 @@ def _dense_walk_tables(spec: KernelSpec, tables: BlockTables) -> BlockTables:
     return BlockTables(*out)
 
 
-def _median_ms(fn) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(_REPS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _search(kernel, candidates, run):
     best, best_ms, tried = None, float("inf"), []
     for values, cfg in candidates:
         try:
-            ms = _median_ms(lambda cfg=cfg: run(cfg))
+            ms = median_ms(lambda cfg=cfg: run(cfg), _REPS)
         except Exception as e:  # a config that does not compile is skipped
             tried.append(dict(config=values, failed=f"{type(e).__name__}: {str(e)[:120]}"))
             continue

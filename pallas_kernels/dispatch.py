@@ -28,8 +28,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-import jax
-
+from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods, TableView
 
 __all__ = [
@@ -89,9 +88,7 @@ class Backend(abc.ABC):
         """None if this backend can run the call, else the reason it cannot."""
 
     @abc.abstractmethod
-    def configs(
-        self, spec: KernelSpec, mods: Mods, options: dict, decode: bool
-    ) -> KernelConfigs:
+    def configs(self, spec: KernelSpec, mods: Mods, options: dict, decode: bool) -> KernelConfigs:
         """Default configs with `options` (this backend's kernel_options keys) applied."""
 
     @abc.abstractmethod
@@ -179,10 +176,7 @@ def select_backend(name: str, spec: KernelSpec, mods: Mods) -> Backend:
 
 def default_interpret() -> bool:
     """Interpret mode whenever JAX has no GPU, so CPU tests run the real kernel code."""
-    try:
-        return not any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return True
+    return not has_gpu()
 
 
 @dataclasses.dataclass(frozen=True)

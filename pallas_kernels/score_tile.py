@@ -22,8 +22,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.mod_eval import eval_mod, eval_score_mod_vjp
-from pallas_kernels.softmax import MASKED_SCORE
 from pallas_kernels.mod_trace import ModProgram
+from pallas_kernels.softmax import MASKED_SCORE
 from pallas_kernels.spec import KernelSpec
 
 __all__ = ["TileMods"]

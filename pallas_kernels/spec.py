@@ -105,7 +105,20 @@ class KernelSpec:
     layout: Layout = Layout.BHSD
 
     def __post_init__(self):
-        for name in ("B", "Hq", "Hkv", "L", "S", "E", "Ev", "Bkv", "q_block_size", "kv_block_size", "R", "C"):
+        for name in (
+            "B",
+            "Hq",
+            "Hkv",
+            "L",
+            "S",
+            "E",
+            "Ev",
+            "Bkv",
+            "q_block_size",
+            "kv_block_size",
+            "R",
+            "C",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"KernelSpec.{name}={getattr(self, name)} must be >= 1")
         if self.Hq % self.Hkv:

@@ -3,17 +3,11 @@
 import os
 import sys
 
-import jax
 import pytest
 
+from pallas_kernels.runtime import has_gpu
+
 sys.path.insert(0, os.path.dirname(__file__))  # torch_twins and other test helpers
-
-
-def has_gpu() -> bool:
-    try:
-        return any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        return False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -64,13 +64,9 @@ def test_mod_loads_classifies_gathers():
 def test_gpu_defaults_are_the_tables_when_nothing_is_gathered(h100, head_dim, dtype):
     is_f32 = dtype == jnp.float32
     m, n, w, s = configs._FWD_GPU[(is_f32, head_dim)]
-    assert fwd(head_dim, dtype) == FwdConfig(
-        block_m=m, block_n=n, num_warps=w, num_stages=s
-    )
+    assert fwd(head_dim, dtype) == FwdConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
     m, n, w, s = configs._BWD_GPU[(is_f32, head_dim)]
-    assert bwd(head_dim, dtype) == BwdConfig(
-        block_m=m, block_n=n, num_warps=w, num_stages=s
-    )
+    assert bwd(head_dim, dtype) == BwdConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
 
 
 def test_gather_heavy_mods_take_smaller_forward_tiles_at_head_dim_128(h100):

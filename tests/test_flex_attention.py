@@ -119,9 +119,7 @@ def test_no_mask_noop_mod_and_from_kv_blocks_without_full_tables(flex):
     num = jnp.full((1, 1, 3), 3, jnp.int32)
     idx = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (1, 1, 3, 3))
     bm = fj.BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=32, seq_lengths=(70, 70))
-    np.testing.assert_allclose(
-        np.asarray(flex(q, k, v, block_mask=bm)), np.asarray(ref), atol=2e-5
-    )
+    np.testing.assert_allclose(np.asarray(flex(q, k, v, block_mask=bm)), np.asarray(ref), atol=2e-5)
 
 
 def test_new_captured_values_do_not_retrace(flex):

@@ -118,7 +118,9 @@ def test_library_learnable_biases_get_gradients(flex):
         ((slopes,), lambda s: dict(score_mod=mods.generate_alibi_bias(2, slopes=s))),
         ((table,), lambda t: dict(score_mod=mods.generate_relative_bias_table(t, 16))),
     ]:
-        ours, ref = grads_both(flex, q, k, v, argnums=(0, 3), extra=extra, make_kw=make_kw, block_mask=bm)
+        ours, ref = grads_both(
+            flex, q, k, v, argnums=(0, 3), extra=extra, make_kw=make_kw, block_mask=bm
+        )
         assert_grads_close(ours, ref, jnp.float32)
 
 
@@ -179,9 +181,7 @@ def test_backward_keeps_memory_linear_in_sequence_length(flex):
     L = S = 1024
     q, k, v = random_qkv(7, 1, 1, L, S, 16)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, S)
-    loss = lambda q, k, v: jnp.sum(
-        flex(q, k, v, block_mask=bm, score_mod=mods.causal_bias)
-    )
+    loss = lambda q, k, v: jnp.sum(flex(q, k, v, block_mask=bm, score_mod=mods.causal_bias))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     def sizes(jaxpr):

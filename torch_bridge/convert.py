@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import torch
 
+from pallas_kernels.runtime import has_gpu
+
 __all__ = ["ATTENTION_DTYPES", "array_to_torch", "check_same_device", "tensor_to_jax"]
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,7 +48,7 @@ def tensor_to_jax(t: torch.Tensor, argname: str, float_only: bool = True) -> jax
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.device.type == "cuda" and not any(d.platform == "gpu" for d in jax.devices()):
+    if t.device.type == "cuda" and not has_gpu():
         raise RuntimeError(
             f"{argname} is on {t.device} but this JAX has no GPU backend (install jax[cuda])"
         )

@@ -119,13 +119,11 @@ def rebuild(fn: Callable | None, replacements: dict[int, object]) -> Callable | 
     return _walk(fn, lambda t: replacements[id(t)], {})
 
 
-
 def jax_arrays(fn: Callable | None) -> dict[int, object]:
     """{id(tensor): a jax array sharing its memory} for each torch tensor `fn` captures."""
     name = getattr(fn, "__qualname__", None) or repr(fn)
     return {
-        id(t): tensor_to_jax(t, f"a tensor captured by {name}", False)
-        for t in captured_tensors(fn)
+        id(t): tensor_to_jax(t, f"a tensor captured by {name}", False) for t in captured_tensors(fn)
     }
 
 

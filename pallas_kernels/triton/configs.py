@@ -41,7 +41,9 @@ OPTION_KEYS = (*FWD_OPTION_KEYS, *BWD_OPTION_KEYS, *DECODE_OPTION_KEYS)
 # explicitly given kernel_options are held fixed.
 AUTOTUNE_SPACE = {
     "gpu": {
-        "fwd": dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)),
+        "fwd": dict(
+            block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3)
+        ),
         "bwd": dict(block_m=(32, 64, 128), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2)),
     },
     # Interpret mode: a tiny space, so CPU tests exercise the mechanism.
@@ -273,7 +275,9 @@ def decode_config(
     """
     options = dict(options or {})
     if q_len > q_block_size:
-        raise ValueError(f"the decode kernel needs Q_LEN={q_len} <= the q BLOCK_SIZE {q_block_size}")
+        raise ValueError(
+            f"the decode kernel needs Q_LEN={q_len} <= the q BLOCK_SIZE {q_block_size}"
+        )
     # GQA packing: one program per kv head, its G query heads stacked as rows.
     packed = (mask_head_broadcast or group_size == 1) and group_size * q_len <= 128
     heads = group_size if packed else 1
@@ -304,8 +308,6 @@ def decode_config(
         num_warps=options.get("decode_num_warps", warps),
         num_stages=stages,
     )
-
-
 
 
 def _check_tiles(

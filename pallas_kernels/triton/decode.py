@@ -125,7 +125,9 @@ def flex_decode(
     Returns out [B, Hq, L, Ev] in q's dtype and lse [B, Hq, L] float32.
     """
     if spec.layout is not Layout.BHSD:
-        raise NotImplementedError(f"flex_decode stacks the heads of a BHSD query, got {spec.layout}")
+        raise NotImplementedError(
+            f"flex_decode stacks the heads of a BHSD query, got {spec.layout}"
+        )
     dispatch.kernel_traced("TRITON", "decode")
     B, Hq, L = spec.B, spec.Hq, spec.L
     P, G = cfg.heads_per_program, spec.group_size

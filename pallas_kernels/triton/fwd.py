@@ -101,7 +101,9 @@ def _fwd_kernel(
     spec: KernelSpec, cfg: FwdConfig, programs: tuple, n_consts: tuple[int, int],
 ):  # fmt: skip
     score_refs, mask_refs, (o_ref, lse_ref) = split_refs(rest, n_consts)
-    tile_mods = TileMods(spec, programs, score_refs, mask_refs, off_ref, tile_ops_for(spec.interpret))
+    tile_mods = TileMods(
+        spec, programs, score_refs, mask_refs, off_ref, tile_ops_for(spec.interpret)
+    )
 
     tile = pl.program_id(0)
     b = pl.program_id(1)

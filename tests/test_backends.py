@@ -1,0 +1,139 @@
+"""The kernel-backend seam: choosing a backend, refusing what it cannot run, its options, retrace counts.
+
+A fake backend that wraps the Triton one stands in for a second backend, so
+these run on any machine.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_qkv
+
+import flexjax as fj
+from flexjax import masks
+from flexjax.api import prepare
+from flexjax.reference import flex_attention_reference
+from pallas_kernels import dispatch
+from pallas_kernels.spec import KernelSpec, Layout
+from pallas_kernels.triton import TRITON
+
+
+class FakeBackend(dispatch.Backend):
+    """Runs the Triton kernels under another name, declining calls when told to."""
+
+    option_keys = TRITON.option_keys
+
+    def __init__(self, name, reason=None):
+        self.name, self.reason, self.calls = name, reason, 0
+
+    def supports(self, spec, mods):
+        return self.reason
+
+    def configs(self, spec, mods, options, decode):
+        return TRITON.configs(spec, mods, options, decode)
+
+    def candidates(self, kind, spec, mods, fixed):
+        return TRITON.candidates(kind, spec, mods, fixed)
+
+    def config_from(self, kind, values):
+        return TRITON.config_from(kind, values)
+
+    def fwd(self, *args, **kwargs):
+        self.calls += 1
+        return TRITON.fwd(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self.calls += 1
+        return TRITON.decode(*args, **kwargs)
+
+    def bwd(self, *args, **kwargs):
+        self.calls += 1
+        return TRITON.bwd(*args, **kwargs)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Put backends ahead of the built-in ones (AUTO tries them in order); undone after the test."""
+
+    def install(*fakes):
+        builtin = dispatch.backends()
+        monkeypatch.setattr(dispatch, "_REGISTRY", {f.name: f for f in fakes} | builtin)
+
+    return install
+
+
+def call(q, k, v, backend=None, **kw):
+    options = {} if backend is None else {"BACKEND": backend}
+    return fj.flex_attention(q, k, v, kernel_options=options, **kw)
+
+
+def test_auto_falls_through_to_a_backend_that_can_run(registry):
+    q, k, v = random_qkv(0, 1, 2, 40, 40, 16)
+    declines = FakeBackend("DECLINES", reason="it only runs on Tuesdays")
+    registry(declines)
+    out = call(q, k, v)  # AUTO
+    np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+    assert declines.calls == 0
+    accepts = FakeBackend("ACCEPTS")
+    registry(accepts, declines)
+    call(q, k, v)
+    assert accepts.calls == 1
+
+
+def test_a_named_backend_that_cannot_run_raises_with_its_reason(registry):
+    q, k, v = random_qkv(1, 1, 2, 40, 40, 16)
+    registry(FakeBackend("DECLINES", reason="it only runs on Tuesdays"))
+    with pytest.raises(dispatch.BackendUnavailable, match="DECLINES.*only runs on Tuesdays"):
+        call(q, k, v, backend="DECLINES")
+    with pytest.raises(ValueError, match="'NOPE' is not a kernel backend.*TRITON"):
+        call(q, k, v, backend="NOPE")
+    out = call(q, k, v, backend="triton")  # names are case-insensitive, as torch's
+    np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+
+
+def test_auto_with_no_capable_backend_lists_every_reason(registry, monkeypatch):
+    q, k, v = random_qkv(2, 1, 2, 40, 40, 16)
+    registry(FakeBackend("DECLINES", reason="reason one"))
+    monkeypatch.setattr(TRITON, "supports", lambda spec, mods: "reason two")
+    with pytest.raises(dispatch.BackendUnavailable, match="DECLINES: reason one.*TRITON: reason two"):
+        call(q, k, v)
+
+
+def test_the_chosen_backend_runs_forward_backward_and_decode(registry):
+    import jax
+
+    q, k, v = random_qkv(3, 1, 2, 4, 64, 16)
+    fake = FakeBackend("FAKE")
+    registry(fake)
+    call(q, k, v, backend="FAKE")  # L=4: decode
+    jax.grad(lambda q: jnp.sum(call(q, k, v, backend="FAKE")))(q)  # forward + backward
+    assert fake.calls == 3
+
+
+def test_backend_options_are_checked_against_the_chosen_backend():
+    q, k, v = random_qkv(4, 1, 1, 32, 32, 16)
+    with pytest.raises(ValueError, match="unknown keys \\['BLOCK_Q'\\] for the TRITON backend"):
+        fj.flex_attention(q, k, v, kernel_options={"BLOCK_Q": 64})
+    with pytest.raises(TypeError, match="BACKEND'\\] must be a string"):
+        fj.flex_attention(q, k, v, kernel_options={"BACKEND": 3})
+
+
+def test_triton_says_what_it_cannot_run():
+    q, k, v = random_qkv(5, 1, 1, 32, 32, 16)
+    call_ = prepare(q, k, v)
+    assert TRITON.supports(call_.spec, call_.mods) is None
+    replace = lambda **kw: KernelSpec(**{**call_.spec.__dict__, **kw})
+    assert "BHSD" in TRITON.supports(replace(layout=Layout.BSHD), call_.mods)
+    assert "float64" in TRITON.supports(replace(dtype="float64", interpret=False), call_.mods)
+    assert "head dims up to 256" in TRITON.supports(replace(E=512), call_.mods)
+
+
+def test_retraces_are_counted_through_the_dispatch_hook():
+    q, k, v = random_qkv(6, 1, 2, 63, 61, 16)  # a shape no other test uses
+    bm = fj.create_block_mask(masks.causal_mask, 1, 1, 63, 61, BLOCK_SIZE=32)
+    options = {"block_n": 16, "decode": False}
+    before = dispatch.trace_count("fwd", backend="TRITON")
+    fj.flex_attention(q, k, v, block_mask=bm, kernel_options=options)
+    assert dispatch.trace_count("fwd", backend="TRITON") == before + 1
+    fj.flex_attention(q, k, v, block_mask=bm, kernel_options=options)
+    assert dispatch.trace_count("fwd") == before + 1  # cached: no second trace
