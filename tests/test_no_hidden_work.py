@@ -15,7 +15,7 @@ import pytest
 from helpers import random_qkv
 
 import flexjax as fj
-from flexjax import masks, mask_builders
+from flexjax import mask_builders, masks
 from flexjax.reference import flex_attention_reference
 
 # Primitives that copy or rearrange an array; none may touch q/k/v/out-sized arrays.
