@@ -30,9 +30,11 @@ from timing import time_jax
 import flexjax as fj
 from flexjax.examples import EXAMPLES
 from pallas_kernels.runtime import has_gpu
+from pallas_kernels.triton.configs import AUTOTUNE_SPACE
 
-GPU_SPACE = dict(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
-CPU_SPACE = dict(block_m=(32, 64), block_n=(64,), num_warps=(4,), num_stages=(1,))
+# The Triton backend's autotune space: one definition (`pallas_kernels.triton.configs`),
+# a forward and a backward space (the latter swept as the bwd_ kernel_options).
+SPACE_KEYS = tuple(AUTOTUNE_SPACE["gpu"]["fwd"])
 
 
 def configs(space, prefix=""):
@@ -57,10 +59,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--only", choices=["fwd", "bwd"], default=None)
     p.add_argument("--out", default=None, help="path prefix for .json")
-    for key in GPU_SPACE:
+    for key in SPACE_KEYS:
         p.add_argument(
             "--" + key.replace("_", "-"), type=int, nargs="+", default=None,
-            help=f"restrict the GPU space's {key} to these values",
+            help=f"restrict both spaces' {key} to these values",
         )  # fmt: skip
     args = p.parse_args(argv)
     gpu = has_gpu()
@@ -68,10 +70,11 @@ def main(argv=None):
     if args.dtype:
         overrides["dtype"] = jnp.dtype(args.dtype)
     case = EXAMPLES[args.example].case("seed" if gpu else "small", **overrides)
-    space = dict(GPU_SPACE) if gpu else dict(CPU_SPACE)
-    for key in GPU_SPACE:
+    spaces = {kind: dict(s) for kind, s in AUTOTUNE_SPACE["gpu" if gpu else "interpret"].items()}
+    for key in SPACE_KEYS:
         if getattr(args, key) is not None:
-            space[key] = tuple(getattr(args, key))
+            for space in spaces.values():
+                space[key] = tuple(getattr(args, key))
     reps = args.reps or (20 if gpu else 1)
 
     ks = jax.random.split(jax.random.key(0), 4)
@@ -94,7 +97,7 @@ def main(argv=None):
     base_out, base_pull = jax.vjp(attend({}), q, k, v)
     base_grads = base_pull(dout)
     rows = []
-    phases = [("fwd", configs(space)), ("bwd", configs(space, "bwd_"))]
+    phases = [("fwd", configs(spaces["fwd"])), ("bwd", configs(spaces["bwd"], "bwd_"))]
     for phase, space_iter in phases:
         if args.only and phase != args.only:
             continue
