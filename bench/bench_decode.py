@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from report import meta_info, write_report
 from seed_table import rel_err
-from timing import time_jax, time_torch
+from timing import TIMERS
 from torch.nn.attention import flex_attention as tfa
 
 import flexjax as fj
@@ -46,7 +46,12 @@ def main(argv=None):
         "--variants", default="[]",
         help='JSON list of extra kernel_options for more flexjax decode rows, e.g. [{"decode_block_n": 128}]',
     )  # fmt: skip
+    p.add_argument(
+        "--timer", choices=list(TIMERS), default="default",
+        help="default: torch do_bench, JAX synchronised calls; loop: both back to back",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    time_torch, time_jax = TIMERS[args.timer]
     variants = json.loads(args.variants)
     gpu = torch.cuda.is_available() and has_gpu()
     if not gpu:  # smoke-test sizes
@@ -102,7 +107,7 @@ def main(argv=None):
             check = rel_err(np.asarray(out.astype(jnp.float32)), ref)
             add(impl, mask, time_jax(lambda attend=attend: attend(jq, jk, jv), reps), check)
 
-    meta = meta_info("decode", gpu)
+    meta = dict(meta_info("decode", gpu), timer=args.timer)
     shape = dict(B=B, Hq=Hq, Hkv=Hkv, Q_LEN=L, KV_LEN=S, D=D, dtype="bfloat16")
     lines = [
         f"# Decoding: {meta['gpu']}, {meta['date']}",
@@ -110,7 +115,12 @@ def main(argv=None):
         f"{meta['gpu']} (driver {meta['driver']}), jax {meta['jax']}, torch {meta['torch']}, "
         f"triton {meta['triton']}. Command: `{meta['command']}`.",
         f"Shape: {shape}. K/V bytes read: {kv_bytes / 1e9:.3f} GB. "
-        "Median of synchronised runs; bandwidth = K/V bytes / time. "
+        + (
+            "Back-to-back calls, one sync, median of 3 loops (both libraries); "
+            if args.timer == "loop"
+            else "Median of synchronised runs; "
+        )
+        + "bandwidth = K/V bytes / time. "
         "check: max error / max magnitude vs torch SDPA.",
         "",
         "| implementation | mask | ms | K/V TB/s | check |",

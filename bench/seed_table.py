@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import torch_twins  # noqa: E402
 from report import meta_info  # noqa: E402
-from timing import time_jax, time_loop_jax, time_loop_torch, time_torch  # noqa: E402
+from timing import TIMERS  # noqa: E402
 
 import flexjax as fj  # noqa: E402
 from flexjax.examples import EXAMPLES  # noqa: E402
@@ -72,9 +72,6 @@ def rel_err(ours, theirs) -> float:
 
 # Which timers the rows use: "default" (torch do_bench, JAX synchronised calls) or
 # "loop" (both libraries timed the same way: back-to-back calls, one sync; see timing.py).
-TIMERS = {"default": (time_torch, time_jax), "loop": (time_loop_torch, time_loop_jax)}
-
-
 def torch_row(name, fwd_fn, inputs, dout, reps, gpu, backward=True, timer="default"):
     """(fw_ms, bw_ms, out, grads) of a torch attention callable."""
     timed = TIMERS[timer][0]
@@ -122,7 +119,9 @@ def cudnn_attend(name, case):
     return attend
 
 
-def run_example(name, scale, reps, gpu, overrides=None, timer="default"):
+def run_example(name, scale, reps, gpu, overrides=None, timer="default", impls=None):
+    """One example's rows; impls: the rows to time (FlexAttention and flexjax always run)."""
+    impls = set(IMPLS if impls is None else impls) | {"FlexAttention", "flexjax"}
     case = EXAMPLES[name].case(scale, **(overrides or {}))
     dev = "cuda" if gpu else "cpu"
     dtype = TORCH_DTYPES[jnp.dtype(case.dtype).name]
@@ -140,9 +139,10 @@ def run_example(name, scale, reps, gpu, overrides=None, timer="default"):
     t_bm = dense = bm = None
     if mask_twin is not None:
         t_bm = tfa.create_block_mask(mask_twin, 1, 1, L, S, device=dev)
-        dense = tfa.create_mask(mask_twin, 1, 1, L, S, device=dev)
+        if "F.sdpa + mask" in impls:
+            dense = tfa.create_mask(mask_twin, 1, 1, L, S, device=dev)
         bm = fj.create_block_mask(case.mask_mod, 1, 1, L, S)
-    elif score_twin is not None and case.sdpa_comparable:
+    elif score_twin is not None and case.sdpa_comparable and "F.sdpa + mask" in impls:
         dense = tfa.create_mask(score_twin, 1, 1, L, S, device=dev)
     density = 1.0 if bm is None else bm.density()
     R = -(-L // 128)
@@ -157,14 +157,15 @@ def run_example(name, scale, reps, gpu, overrides=None, timer="default"):
             bw_tflops=None if bw is None else 2.5 * flops * d / bw / 1e9,
         )  # fmt: skip
 
-    if L == S:
+    if L == S and "causal FA2" in impls:
         sdpa_causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
         fw, bw, _, _ = torch_row(name, sdpa_causal, (q, k, v), dout, reps, gpu, timer=timer)
         add("causal FA2", fw, bw, causal_density, None, "speed reference, not this mask")
     sdpa_mask = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    fw, bw, sdpa_out, sdpa_grads = torch_row(
-        name, sdpa_mask, (q, k, v), dout, reps, gpu, timer=timer
-    )
+    if "F.sdpa + mask" in impls:
+        fw, bw, sdpa_out, sdpa_grads = torch_row(
+            name, sdpa_mask, (q, k, v), dout, reps, gpu, timer=timer
+        )
 
     torch._dynamo.reset()  # past its recompile limit torch falls back to a dense eager path
     flex = torch.compile(tfa.flex_attention, dynamic=False) if gpu else tfa.flex_attention
@@ -173,17 +174,18 @@ def run_example(name, scale, reps, gpu, overrides=None, timer="default"):
         name, flex_fn, (q, k, v), dout, reps, gpu, backward=gpu, timer=timer
     )
     sdpa_check = None
-    if case.sdpa_comparable:
+    if case.sdpa_comparable and "F.sdpa + mask" in impls:
         sdpa_check = rel_err(sdpa_out, t_out)
         if t_grads is not None:
             sdpa_check = max(
                 [sdpa_check] + [rel_err(a, b) for a, b in zip(sdpa_grads, t_grads, strict=True)]
             )
-    add("F.sdpa + mask", fw, bw, density, sdpa_check, "" if case.sdpa_comparable else "n/a")
+    if "F.sdpa + mask" in impls:
+        add("F.sdpa + mask", fw, bw, density, sdpa_check, "" if case.sdpa_comparable else "n/a")
     add("FlexAttention", t_fw, t_bw, density, None, "" if gpu else "eager, forward only")
 
     jq, jk, jv, jdout = (tensor_to_jax(x, "input") for x in (q, k, v, dout))
-    cudnn = cudnn_attend(name, case) if gpu else None
+    cudnn = cudnn_attend(name, case) if gpu and "jax cuDNN" in impls else None
     if cudnn is not None:
         try:
             fw, bw, _, _ = jax_row(cudnn, jq, jk, jv, jdout, reps, timer)
@@ -325,6 +327,10 @@ def main(argv=None):
         "--timer", choices=list(TIMERS), default="default",
         help="default: torch do_bench, JAX synchronised calls; loop: both back to back",
     )  # fmt: skip
+    p.add_argument(
+        "--impls", nargs="+", choices=IMPLS, default=None,
+        help="rows to time (default: all); FlexAttention and flexjax always run",
+    )  # fmt: skip
     args = p.parse_args(argv)
     overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
     if args.dtype:
@@ -348,7 +354,7 @@ def main(argv=None):
             print(f"time budget spent: not run {args.examples[i - 1 :]}", flush=True)
             break
         t0 = time.perf_counter()
-        examples.append(run_example(name, scale, reps, gpu, overrides, args.timer))
+        examples.append(run_example(name, scale, reps, gpu, overrides, args.timer, args.impls))
         print(f"[{i}/{len(args.examples)}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.out:  # keep what is done if a later example fails or time runs out
             with open(args.out + ".json", "w") as fh:

@@ -75,3 +75,8 @@ def time_loop_torch(fn, reps: int, gpu: bool, grads=()) -> float:
 
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     return _loop_ms(fn, sync, reps, before=clear if grads else None)
+
+
+# (torch timer, JAX timer) by --timer name: "default" (do_bench / synchronised calls) or
+# "loop" (both libraries back to back, the way the committed tables are timed).
+TIMERS = {"default": (time_torch, time_jax), "loop": (time_loop_torch, time_loop_jax)}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
 from pallas_kernels import dispatch
-from pallas_kernels.spec import BlockTables, KernelSpec, Mods, index_offsets
+from pallas_kernels.spec import BlockTables, KernelSpec, Mods
 
 __all__ = ["Prepared", "flex_attention", "prepare"]
 
@@ -56,7 +56,8 @@ def prepare(
 
     Arguments as `flex_attention`'s. The sizes are the arrays' own: called on
     a shard or a chunk, this describes the local problem, and the index
-    offsets passed to `dispatch.attention` say where it sits in the whole.
+    offsets passed to `dispatch.attention` (`spec.index_offsets`) say where it
+    sits in the whole.
     """
     shape = check_qkv(query, key, value, enable_gqa)
     scale = check_scale(scale, shape.E)
@@ -129,6 +130,6 @@ def flex_attention(
     """
     call = prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
     out, lse = dispatch.attention(
-        query, key, value, call.tables, call.mods, index_offsets(), call.spec, call.options
+        query, key, value, call.tables, call.mods, call.spec, call.options
     )
     return (out, lse) if return_lse else out

@@ -175,7 +175,8 @@ def tune(
     _cached(keys.values())
     defaults = backend.configs(spec, mods, options, decode)
     inputs = None
-    offsets = jnp.zeros((4,), jnp.int32) if not _concrete(offsets) else offsets
+    if offsets is not None and not _concrete(offsets):
+        offsets = jnp.zeros((4,), jnp.int32)
 
     def record(kind, best, ms, tried):
         _memory[keys[kind]] = entry = dict(config=best, ms=ms, tried=tried, spec=str(spec))

@@ -261,14 +261,18 @@ def trace_count(kernel: str, backend: str | None = None) -> int:
 # ---------------------------------------------------------------------------- entry point
 
 
-def attention(q, k, v, tables: BlockTables, mods: Mods, offsets, spec: KernelSpec,
-              options: KernelOptions):  # fmt: skip
+def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
+              options: KernelOptions, offsets=None):  # fmt: skip
     """(out, lse) of one call, differentiable: select the backend, configure, run.
 
-    q, k, v in spec.layout's order; tables, mods, offsets as in `spec`.
+    q, k, v in spec.layout's order; tables, mods as in `spec`. offsets: the
+    int32[4] (b0, h0, q0, kv0) of a shard or chunk (`spec.index_offsets`), or
+    None for a whole call (all zero: the kernels are built without them).
     """
     from pallas_kernels import autotune, vjp  # vjp and autotune call back into backends
 
+    if offsets is not None:
+        spec = dataclasses.replace(spec, global_offsets=True)
     backend = select_backend(options.backend, spec, mods)
     backend_options = options.for_backend(backend)
     decode = uses_decode(spec, options.decode)

@@ -32,8 +32,9 @@ __all__ = ["TileMods"]
 class TileMods:
     """A kernel program's mods: their programs, captured-array refs, index offsets and tile ops.
 
-    Built once per kernel program (it reads the offsets operand once, and only
-    when a mod will run).
+    Built once per kernel program. offsets_ref: the int32[4] (b0, h0, q0, kv0)
+    operand, or None when they are all zero; only the offsets of indices a mod
+    reads are loaded (each is a register live through the kernel's loops).
     """
 
     def __init__(
@@ -48,10 +49,10 @@ class TileMods:
         self.spec, self.ops = spec, ops
         self.score, self.mask = programs
         self.score_refs, self.mask_refs = score_refs, mask_refs
-        if self.score is not None or self.mask is not None:
-            self.offsets = tuple(offsets_ref[i] for i in range(4))
-        else:
-            self.offsets = (0, 0, 0, 0)
+        used = _indices_used(self.score) | _indices_used(self.mask)
+        self.offsets = tuple(
+            offsets_ref[i] if offsets_ref is not None and i in used else 0 for i in range(4)
+        )
 
     def apply(self, s, b, h, q_idx, kv_idx, masked: bool, grad_slots=None):
         """Apply score_mod, mask_mod (if `masked`) and the kv bound to a raw score tile.
@@ -66,9 +67,9 @@ class TileMods:
         """
         spec, ops = self.spec, self.ops
         b0, h0, q0, kv0 = self.offsets
-        b, h = b + b0, h + h0
-        q_in = jnp.minimum(q_idx, spec.L - 1) + q0
-        kv_in = jnp.minimum(kv_idx, spec.S - 1) + kv0
+        b, h = _shifted(b, b0), _shifted(h, h0)
+        q_in = _shifted(jnp.minimum(q_idx, spec.L - 1), q0)
+        kv_in = _shifted(jnp.minimum(kv_idx, spec.S - 1), kv0)
         pullback = None
         if self.score is not None and grad_slots is not None:
             s, mod_pullback = eval_score_mod_vjp(
@@ -98,3 +99,18 @@ class TileMods:
                 return ds_raw, grads
 
         return s, keep, pullback
+
+
+def _indices_used(program: ModProgram | None) -> set[int]:
+    """Which of (b, h, q_idx, kv_idx) -- 0 to 3 -- the program reads."""
+    if program is None:
+        return set()
+    index_vars = program.jaxpr.invars[-4:]
+    read = {id(v) for eqn in program.jaxpr.eqns for v in eqn.invars}
+    read |= {id(v) for v in program.jaxpr.outvars}
+    return {i for i, v in enumerate(index_vars) if id(v) in read}
+
+
+def _shifted(index, offset):
+    """index + offset, with nothing emitted for a static zero."""
+    return index if isinstance(offset, int) and offset == 0 else index + offset

@@ -80,7 +80,10 @@ class KernelSpec:
     (columns) with Bm in {1, B}, Hm in {1, Hq}, R * q_block_size >= L and
     C * kv_block_size >= S. has_partial: the tables list partial blocks (where
     the mask_mod runs); has_full: they list full blocks. interpret: run the
-    kernels in Pallas' interpret mode (no GPU).
+    kernels in Pallas' interpret mode (no GPU). global_offsets: the kernels
+    take the index offsets operand and add the offsets the mods use; False
+    means they are all zero (a whole, unsharded call), and the kernels are
+    built without them.
     """
 
     B: int
@@ -103,6 +106,7 @@ class KernelSpec:
     has_full: bool
     interpret: bool
     layout: Layout = Layout.BHSD
+    global_offsets: bool = False
 
     def __post_init__(self):
         for name in (

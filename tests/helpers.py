@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.spec import BlockTables
+
 
 def random_qkv(seed, B, Hq, L, S, E, Ev=None, Hkv=None, Bkv=None, dtype=np.float32):
     """Fresh standard-normal q, k, v (never zeros) as jax arrays."""
@@ -32,16 +34,7 @@ def random_block_mask(seed):
     return fj.create_block_mask(random_mask, 1, 1, L, S, BLOCK_SIZE=(q_bs, kv_bs)), L, S
 
 
-TABLES = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
+TABLES = BlockTables._fields
 
 
 def tables_np(block_mask):

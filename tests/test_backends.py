@@ -95,7 +95,9 @@ def test_auto_with_no_capable_backend_lists_every_reason(registry, monkeypatch):
     q, k, v = random_qkv(2, 1, 2, 40, 40, 16)
     registry(FakeBackend("DECLINES", reason="reason one"))
     monkeypatch.setattr(TRITON, "supports", lambda spec, mods: "reason two")
-    with pytest.raises(dispatch.BackendUnavailable, match="DECLINES: reason one.*TRITON: reason two"):
+    with pytest.raises(
+        dispatch.BackendUnavailable, match="DECLINES: reason one.*TRITON: reason two"
+    ):
         call(q, k, v)
 
 

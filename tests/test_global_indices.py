@@ -26,7 +26,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)
 def local_attention(q, k, v, offsets, score_mod=None, block_mask=None, **kw):
     """flex_attention on a local piece: (out, lse) with the mods seeing offset indices."""
     call = prepare(q, k, v, score_mod, block_mask, **kw)
-    return dispatch.attention(q, k, v, call.tables, call.mods, offsets, call.spec, call.options)
+    return dispatch.attention(q, k, v, call.tables, call.mods, call.spec, call.options, offsets)
 
 
 def rows_of(bm, b=slice(None), h=slice(None), rows=slice(None), q_len=None):
@@ -68,12 +68,12 @@ def test_head_shards_see_global_heads_forward_and_backward():
     w_out, w_lse = weights((B, Hq, L, 16), 1), weights((B, Hq, L), 2)
 
     def loss(out, lse, sl=slice(None)):
-        return jnp.sum(out * w_out[:, sl]) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0) * w_lse[:, sl])
+        return jnp.sum(out * w_out[:, sl]) + jnp.sum(
+            jnp.where(jnp.isfinite(lse), lse, 0) * w_lse[:, sl]
+        )
 
     def whole(q, k, v, slopes):
-        out, lse = fj.flex_attention(
-            q, k, v, alibi(slopes), bm, enable_gqa=True, return_lse=True
-        )
+        out, lse = fj.flex_attention(q, k, v, alibi(slopes), bm, enable_gqa=True, return_lse=True)
         return loss(out, lse)
 
     def sharded(q, k, v, slopes):
@@ -154,9 +154,7 @@ def test_a_decoding_step_at_position_p_sees_position_p():
     q, k, v = random_qkv(7, 2, 4, L, S, 16, Hkv=2)
     slopes = jnp.asarray([0.2, 0.4, 0.6, 0.8], jnp.float32)
     bm = fj.create_block_mask(lambda b, h, qi, kv: qi >= kv, 1, 1, L, S, BLOCK_SIZE=q_bs)
-    want, want_lse = fj.flex_attention(
-        q, k, v, alibi(slopes), bm, enable_gqa=True, return_lse=True
-    )
+    want, want_lse = fj.flex_attention(q, k, v, alibi(slopes), bm, enable_gqa=True, return_lse=True)
     before = dispatch.trace_count("decode")
     for p in (0, 37, 99):
         out, lse = local_attention(

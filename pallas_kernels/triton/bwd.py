@@ -53,10 +53,10 @@ from pallas_kernels.triton.launch import (
     check_config,
     compiler_params,
     div_static,
-    flat_consts,
     kernel_mods,
     kv_rows,
     load,
+    mod_inputs,
     padded_dim,
     row_spec,
     split_refs,
@@ -87,10 +87,10 @@ def _dot(a, b, precision):
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-    kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref, off_ref,
+    kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref,
     *rest, spec: KernelSpec, cfg: BwdConfig, programs: tuple, n_consts: tuple, grad_slots: tuple,
 ):  # fmt: skip
-    score_refs, mask_refs, outs = split_refs(rest, n_consts)
+    off_ref, score_refs, mask_refs, outs = split_refs(rest, n_consts, spec.global_offsets)
     outs = outs[len(grad_slots) :]  # skip the aliased zero inputs
     dq_ref, grad_refs = outs[0], dict(zip(grad_slots, outs[1:], strict=True))
     ops = tile_ops_for(spec.interpret)
@@ -151,10 +151,12 @@ def _dq_kernel(
 
 def _dkdv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-    q_num_ref, q_idx_ref, full_num_ref, full_idx_ref, off_ref,
+    q_num_ref, q_idx_ref, full_num_ref, full_idx_ref,
     *rest, spec: KernelSpec, cfg: BwdConfig, programs: tuple, n_consts: tuple,
 ):  # fmt: skip
-    score_refs, mask_refs, (dk_ref, dv_ref) = split_refs(rest, n_consts)
+    off_ref, score_refs, mask_refs, (dk_ref, dv_ref) = split_refs(
+        rest, n_consts, spec.global_offsets
+    )
     ops = tile_ops_for(spec.interpret)
     mods = TileMods(spec, programs, score_refs, mask_refs, off_ref, ops)
     layout = spec.layout
@@ -173,9 +175,10 @@ def _dkdv_kernel(
     prec = _precision(k.dtype)
     q_limit = bound(spec.L, spec.R * spec.q_block_size)
 
-    def at(g, rows, *cols):
+    def at(g, rows, *cols, bounded):
         """Index of query head g of the group block, rows `rows` (the layout decides the order)."""
-        g = jnp.int32(g) if isinstance(g, int) else g  # masked loads take array indices only
+        if bounded and isinstance(g, int):
+            g = jnp.int32(g)  # masked loads take array indices only
         return layout.shape(None, g, rows, 0)[1:3] + cols
 
     def step(g, h, start_m, carry, masked):
@@ -183,11 +186,12 @@ def _dkdv_kernel(
         rows = pl.ds(start_m, cfg.block_m)
         q_mask = tile_mask(start_m, cfg.block_m, q_limit, q_ref.shape[-1], spec.E)
         do_mask = tile_mask(start_m, cfg.block_m, q_limit, do_ref.shape[-1], spec.Ev)
-        q = load(q_ref, at(g, rows, slice(None)), q_mask)
-        do = load(do_ref, at(g, rows, slice(None)), do_mask)
         rows_mask = tile_mask(start_m, cfg.block_m, q_limit)
-        lse_base2 = load(lse_ref, at(g, rows), rows_mask, other=jnp.inf) * LOG2E
-        delta = load(delta_ref, at(g, rows), rows_mask)
+        q = load(q_ref, at(g, rows, slice(None), bounded=q_mask is not None), q_mask)
+        do = load(do_ref, at(g, rows, slice(None), bounded=do_mask is not None), do_mask)
+        row_at = at(g, rows, bounded=rows_mask is not None)
+        lse_base2 = load(lse_ref, row_at, rows_mask, other=jnp.inf) * LOG2E
+        delta = load(delta_ref, row_at, rows_mask)
         q_idx = start_m + ops.iota((1, cfg.block_m), 1)
         s = scaled(_dot(k, q.T, prec), pre)  # [BN, BM]
         s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, grad_slots=())
@@ -236,7 +240,7 @@ def flex_bwd(
 
     q, do [B, Hq, L, E/Ev]; k, v [Bkv, Hkv, S, E/Ev] (spec.layout's order);
     lse, delta [B, Hq, L] float32 from `vjp.preprocess`; tables all eight
-    BlockMask tables; offsets int32[4]. grad_slots: the score_mod's captured
+    BlockMask tables; offsets int32[4] or None (all zero). grad_slots: the score_mod's captured
     arrays that need a gradient (float32 results, flat). Returns dq, dk, dv
     (dk/dv [Bkv, Hkv, ...]) and the list of captured-array gradients.
     """
@@ -245,17 +249,16 @@ def flex_bwd(
     layout, G = spec.layout, spec.group_size
     B, Hq, Hkv = spec.B, spec.Hq, spec.Hkv
     Ep, Evp = padded_dim(spec.E), padded_dim(spec.Ev)
-    consts = flat_consts(mods)
+    extra = mod_inputs(mods, offsets)
     info = kernel_mods(mods)
     kv_b = (lambda b: 0) if spec.kv_batch_broadcast else (lambda b: b)
 
     # dq: grid (q tile, batch, query head), the tiles transposed (see BwdConfig).
     dq_cfg = dataclasses.replace(cfg, block_m=cfg.block_n, block_n=cfg.block_m)
-    score_consts = consts[: len(mods.score_consts)]
-    zeros = [jnp.zeros(score_consts[i].shape, jnp.float32) for i in grad_slots]
+    zeros = [jnp.zeros((mods.score_consts[i].size,), jnp.float32) for i in grad_slots]
     q_at = lambda t, b, h: (b, h, t)
     kv_at = lambda t, b, h: (kv_b(b), div_static(h, G), 0)
-    n_in = 11 + len(consts)
+    n_in = 10 + len(extra)
     dq, *const_grads = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, cfg=dq_cfg, grad_slots=grad_slots, **info),
         grid=(pl.cdiv(spec.L, dq_cfg.block_m), B, Hq),
@@ -267,8 +270,7 @@ def flex_bwd(
             row_spec(layout, None, dq_cfg.block_m, q_at),
             row_spec(layout, None, dq_cfg.block_m, q_at),
             *[whole(t) for t in tables.rows],
-            whole(offsets),
-            *[whole(c) for c in consts],
+            *[whole(x) for x in extra],
             *[whole(z) for z in zeros],
         ],
         out_specs=[tile_spec(layout, None, dq_cfg.block_m, Ep, q_at), *[whole(z) for z in zeros]],
@@ -277,7 +279,7 @@ def flex_bwd(
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
         name="flex_bwd_dq",
-    )(q, k, v, do, lse, delta, *tables.rows, offsets, *consts, *zeros)
+    )(q, k, v, do, lse, delta, *tables.rows, *extra, *zeros)
 
     # dk, dv: grid (kv tile, batch, kv head); each program loops over its group's q heads.
     q_rows = spec.R * spec.q_block_size
@@ -296,8 +298,7 @@ def flex_bwd(
             row_spec(layout, G, q_rows, group_at),
             row_spec(layout, G, q_rows, group_at),
             *[whole(t) for t in tables.cols],
-            whole(offsets),
-            *[whole(c) for c in consts],
+            *[whole(x) for x in extra],
         ],
         out_specs=[
             tile_spec(layout, None, cfg.block_n, Ep, out_at),
@@ -314,7 +315,7 @@ def flex_bwd(
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
         name="flex_bwd_dkdv",
-    )(q, k, v, do, lse, delta, *tables.cols, offsets, *consts)
+    )(q, k, v, do, lse, delta, *tables.cols, *extra)
     if summed:
         dk = jnp.sum(dk, axis=0, keepdims=True).astype(k.dtype)
         dv = jnp.sum(dv, axis=0, keepdims=True).astype(v.dtype)

@@ -46,10 +46,10 @@ from pallas_kernels.triton.launch import (
     check_config,
     compiler_params,
     div_static,
-    flat_consts,
     kernel_mods,
     kv_rows,
     load,
+    mod_inputs,
     padded_dim,
     rem_static,
     split_refs,
@@ -64,10 +64,12 @@ __all__ = ["DecodeConfig", "flex_decode"]
 
 
 def _decode_kernel(
-    q_ref, k_ref, v_ref, kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref, off_ref,
+    q_ref, k_ref, v_ref, kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref,
     *rest, spec: KernelSpec, cfg: DecodeConfig, programs: tuple, n_consts: tuple,
 ):  # fmt: skip
-    score_refs, mask_refs, (o_ref, lse_ref) = split_refs(rest, n_consts)
+    off_ref, score_refs, mask_refs, (o_ref, lse_ref) = split_refs(
+        rest, n_consts, spec.global_offsets
+    )
     ops = tile_ops_for(spec.interpret)
     mods = TileMods(spec, programs, score_refs, mask_refs, off_ref, ops)
     split, b, hp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -138,7 +140,7 @@ def flex_decode(
     def kv_map(split, b, hp):
         return (0 if spec.kv_batch_broadcast else b, div_static(hp * P, G), 0, 0)
 
-    consts = flat_consts(mods)
+    extra = mod_inputs(mods, offsets)
     o_part, lse_part = pl.pallas_call(
         functools.partial(_decode_kernel, spec=spec, cfg=cfg, **kernel_mods(mods)),
         grid=(cfg.splits, B, HP),
@@ -147,8 +149,7 @@ def flex_decode(
             pl.BlockSpec((None, None, kv_rows(spec), Ep), kv_map),
             pl.BlockSpec((None, None, kv_rows(spec), Evp), kv_map),
             *[whole(t) for t in tables],
-            whole(offsets),
-            *[whole(c) for c in consts],
+            *[whole(x) for x in extra],
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, cfg.rows, Evp), lambda s, b, h: (b, h, s, 0, 0)),
@@ -161,7 +162,7 @@ def flex_decode(
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
         name="flex_decode",
-    )(qp, k, v, *tables, offsets, *consts)
+    )(qp, k, v, *tables, *extra)
     out, lse = combine(o_part, lse_part)
     return out.reshape(B, Hq, L, spec.Ev).astype(q.dtype), lse.reshape(B, Hq, L)
 

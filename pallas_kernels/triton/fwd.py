@@ -37,10 +37,10 @@ from pallas_kernels.triton.launch import (
     check_config,
     compiler_params,
     div_static,
-    flat_consts,
     kernel_mods,
     kv_rows,
     load,
+    mod_inputs,
     padded_dim,
     row_spec,
     split_refs,
@@ -97,10 +97,12 @@ def tile_step(q, k, v, carry, start_n, q_idx, b, h, spec, mods: TileMods, block_
 
 
 def _fwd_kernel(
-    q_ref, k_ref, v_ref, kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref, off_ref, *rest,
+    q_ref, k_ref, v_ref, kv_num_ref, kv_idx_ref, full_num_ref, full_idx_ref, *rest,
     spec: KernelSpec, cfg: FwdConfig, programs: tuple, n_consts: tuple[int, int],
 ):  # fmt: skip
-    score_refs, mask_refs, (o_ref, lse_ref) = split_refs(rest, n_consts)
+    off_ref, score_refs, mask_refs, (o_ref, lse_ref) = split_refs(
+        rest, n_consts, spec.global_offsets
+    )
     tile_mods = TileMods(
         spec, programs, score_refs, mask_refs, off_ref, tile_ops_for(spec.interpret)
     )
@@ -149,7 +151,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
     """q [B, Hq, L, E], k [Bkv, Hkv, S, E], v [Bkv, Hkv, S, Ev] (in spec.layout's order).
 
     tables: the row view of the BlockMask tables; offsets: int32[4] (b0, h0,
-    q0, kv0). Returns out [B, Hq, L, Ev] in q's dtype and lse [B, Hq, L] f32.
+    q0, kv0), or None when spec.global_offsets is False. Returns out [B, Hq, L, Ev] in q's dtype and lse [B, Hq, L] f32.
     """
     dispatch.kernel_traced("TRITON", "fwd")
     layout, G = spec.layout, spec.group_size
@@ -159,14 +161,13 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         return (0 if spec.kv_batch_broadcast else b, div_static(h, G), 0)
 
     q_at = lambda tile, b, h: (b, h, tile)
-    consts = flat_consts(mods)
+    extra = mod_inputs(mods, offsets)
     in_specs = [
         tile_spec(layout, None, cfg.block_m, Ep, q_at),
         tile_spec(layout, None, kv_rows(spec), Ep, kv_at),
         tile_spec(layout, None, kv_rows(spec), Evp, kv_at),
         *[whole(t) for t in tables],
-        whole(offsets),
-        *[whole(c) for c in consts],
+        *[whole(x) for x in extra],
     ]
     out_specs = [
         tile_spec(layout, None, cfg.block_m, Evp, q_at),
@@ -184,7 +185,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
         name="flex_fwd",
-    )(q, k, v, *tables, offsets, *consts)
+    )(q, k, v, *tables, *extra)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

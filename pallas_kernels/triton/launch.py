@@ -26,10 +26,10 @@ __all__ = [
     "check_config",
     "compiler_params",
     "div_static",
-    "flat_consts",
     "kernel_mods",
     "kv_rows",
     "load",
+    "mod_inputs",
     "padded_dim",
     "rem_static",
     "row_spec",
@@ -92,15 +92,22 @@ def kernel_mods(mods: Mods) -> dict:
     return dict(programs=mods.programs, n_consts=(len(mods.score_consts), len(mods.mask_consts)))
 
 
-def flat_consts(mods: Mods) -> list:
-    """The captured arrays as kernel inputs: score_mod's then mask_mod's, flattened to 1-D."""
-    return [c.reshape(-1) for c in (*mods.score_consts, *mods.mask_consts)]
+def mod_inputs(mods: Mods, offsets) -> list:
+    """A kernel's inputs after the tables: the offsets (if any), then the captured arrays.
+
+    offsets: the int32[4] operand, or None when they are all zero (statically:
+    `KernelSpec.global_offsets` is False and the kernels neither read nor add
+    them). The captured arrays are score_mod's then mask_mod's, flattened to 1-D.
+    """
+    consts = [c.reshape(-1) for c in (*mods.score_consts, *mods.mask_consts)]
+    return ([] if offsets is None else [offsets]) + consts
 
 
-def split_refs(rest, n_consts: tuple[int, int]):
-    """(score_mod refs, mask_mod refs, the remaining refs) of a kernel's trailing refs."""
+def split_refs(rest, n_consts: tuple[int, int], has_offsets: bool):
+    """(offsets ref or None, score_mod refs, mask_mod refs, the remaining refs) of a kernel's refs."""
+    off_ref, rest = (rest[0], rest[1:]) if has_offsets else (None, rest)
     n_score, n_mask = n_consts
-    return rest[:n_score], rest[n_score : n_score + n_mask], rest[n_score + n_mask :]
+    return off_ref, rest[:n_score], rest[n_score : n_score + n_mask], rest[n_score + n_mask :]
 
 
 # ---------------------------------------------------------------------------- BlockSpecs
