@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from flexjax.mod_utils import mod_name
 from torch_bridge.convert import tensor_to_jax
 
 __all__ = ["captured_tensors", "jax_arrays", "rebuild", "with_jax_arrays"]
@@ -121,9 +122,8 @@ def rebuild(fn: Callable | None, replacements: dict[int, object]) -> Callable | 
 
 def jax_arrays(fn: Callable | None) -> dict[int, object]:
     """{id(tensor): a jax array sharing its memory} for each torch tensor `fn` captures."""
-    name = getattr(fn, "__qualname__", None) or repr(fn)
     return {
-        id(t): tensor_to_jax(t, f"a tensor captured by {name}", False) for t in captured_tensors(fn)
+        id(t): tensor_to_jax(t, f"a tensor captured by {mod_name(fn)}", False) for t in captured_tensors(fn)
     }
 
 
