@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexjax.mod_utils import ModKind, check_mod_kind, noop_mask, traced_mod
+from flexjax.mod_utils import ModKind, convert_mod, noop_mask, traced_mod
 from pallas_kernels.mod_trace import ModProgram
 from pallas_kernels.spec import BlockTables
 
@@ -120,7 +120,9 @@ class BlockMask:
       seq_lengths: (Q_LEN, KV_LEN)
       mask_mod: the mask_mod applied inside partial blocks (assignable, as in
         PyTorch); held as `mask_program` (static) and `mask_consts` (the
-        arrays it captures, pytree leaves).
+        arrays it captures, pytree leaves after the eight tables: a
+        `jax.tree.map` over a BlockMask reaches them too; captured Python
+        and 0-d scalars are part of the program).
     The full tables may be None (then every listed block is partial). B and H
     may be 1 to broadcast over the batch and the query heads.
 
@@ -168,7 +170,7 @@ class BlockMask:
             self._set_program(None, (), noop_mask)
         else:
             program, consts = traced_mod(mask_mod, ModKind.MASK_MOD, "mask_mod")
-            self._set_program(program, consts, mask_mod)
+            self._set_program(program, consts, convert_mod(mask_mod))
 
     def _set_program(self, program: ModProgram | None, consts, mask_mod=None) -> None:
         self.mask_program = program  # None: noop_mask
@@ -273,8 +275,6 @@ class BlockMask:
                     f"got {full_kv_num_blocks.shape}"
                 )
         block_size = parse_block_size(BLOCK_SIZE)
-        if mask_mod is not None:
-            check_mod_kind(mask_mod, ModKind.MASK_MOD, "mask_mod")
         if seq_lengths is None:
             seq_lengths = (
                 kv_indices.shape[-2] * block_size[0],

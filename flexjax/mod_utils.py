@@ -27,6 +27,7 @@ __all__ = [
     "mod_name",
     "noop_mask",
     "or_masks",
+    "register_mod_converter",
     "traced_mod",
     "vmap_bhqkv",
 ]
@@ -147,12 +148,37 @@ def or_masks(*mask_mods: Callable) -> Callable:
     return or_mask
 
 
+# Functions that rewrite a mod before it is traced (e.g. torch_bridge swaps captured
+# torch tensors for jax arrays); each returns its argument when it has nothing to do.
+_MOD_CONVERTERS: list[Callable] = []
+
+
+def register_mod_converter(convert: Callable) -> None:
+    """Rewrite every mod with `convert(mod) -> mod` before flexjax traces it.
+
+    For frameworks whose arrays a mod may capture but JAX cannot index with a
+    traced index: torch_bridge registers one that swaps torch tensors for jax
+    arrays sharing their memory, so flexjax.BlockMask, create_block_mask and
+    flex_attention accept such mods once torch_bridge is imported.
+    """
+    if convert not in _MOD_CONVERTERS:
+        _MOD_CONVERTERS.append(convert)
+
+
+def convert_mod(fn: Callable) -> Callable:
+    """fn after the registered converters (itself when none applies)."""
+    for convert in _MOD_CONVERTERS:
+        fn = convert(fn)
+    return fn
+
+
 def traced_mod(fn: Callable, kind: ModKind, argname: str) -> tuple[ModProgram, list]:
     """Check `fn` is a mod of `kind` returning one value per element; its program and captured arrays.
 
     One trace on scalar inputs (a score_mod's score is float32) does both.
     """
     check_mod_kind(fn, kind, argname)
+    fn = convert_mod(fn)
     try:
         program, consts = trace_mod(fn, is_score_mod=kind is ModKind.SCORE_MOD)
     except ModTraceError:

@@ -17,7 +17,7 @@ tuning again. Options given explicitly in kernel_options are fixed: the
 search covers the others.
 
 Timing uses fresh random q, k, v (and dout) of the call's shapes and dtype,
-run outside any trace. The BlockMask tables and captured mod arrays are used
+run eagerly even when flex_attention is being traced (on a thread of its own). The BlockMask tables and captured mod arrays are used
 as given when they are concrete; when flex_attention is traced under jit
 with a traced BlockMask, the search walks every block of the same table
 shapes instead (and captured arrays are zeros), so the pick reflects the
@@ -26,6 +26,7 @@ kernel's cost per block rather than this mask's sparsity.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -173,7 +174,22 @@ def tune(
     """
     keys = {kind: _key(backend, kind, spec, mods, options) for kind in ("fwd", "bwd")}
     _cached(keys.values())
+    # JAX's trace state is per thread: on a thread of its own the search runs and times
+    # kernels even while a user's jit is tracing this call (here, it would stage them).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(
+            _tune_missing, backend, spec, mods, q, k, v, tables, offsets, options, keys
+        ).result()
     defaults = backend.configs(spec, mods, options, decode)
+    return KernelConfigs(
+        fwd=backend.config_from("fwd", _memory[keys["fwd"]]["config"]),
+        bwd=backend.config_from("bwd", _memory[keys["bwd"]]["config"]),
+        decode=defaults.decode,
+    )
+
+
+def _tune_missing(backend, spec, mods, q, k, v, tables, offsets, options, keys) -> None:
+    """Time the kernels whose keys are not cached yet, and cache the fastest configs."""
     inputs = None
     if offsets is not None and not _concrete(offsets):
         offsets = jnp.zeros((4,), jnp.int32)
@@ -187,9 +203,8 @@ def tune(
         tq, tk, tv, tt, tm = inputs
         run = lambda cfg: backend.fwd(tq, tk, tv, tt.rows, tm, offsets, spec=spec, cfg=cfg)
         record("fwd", *_search("forward", backend.candidates("fwd", spec, mods, options), run))
-    fwd_cfg = backend.config_from("fwd", _memory[keys["fwd"]]["config"])
-
     if keys["bwd"] not in _memory:
+        fwd_cfg = backend.config_from("fwd", _memory[keys["fwd"]]["config"])
         tq, tk, tv, tt, tm = inputs or _timing_inputs(spec, q, k, v, tables, mods)
         out, lse = backend.fwd(tq, tk, tv, tt.rows, tm, offsets, spec=spec, cfg=fwd_cfg)
         dout = jnp.asarray(np.random.default_rng(1).standard_normal(out.shape), out.dtype)
@@ -198,5 +213,3 @@ def tune(
             tq, tk, tv, dout, lse_b, delta, tt, tm, offsets, spec=spec, cfg=cfg, grad_slots=()
         )[:3]
         record("bwd", *_search("backward", backend.candidates("bwd", spec, mods, options), run))
-    bwd_cfg = backend.config_from("bwd", _memory[keys["bwd"]]["config"])
-    return KernelConfigs(fwd=fwd_cfg, bwd=bwd_cfg, decode=defaults.decode)

@@ -9,8 +9,10 @@ takes the backend-neutral call (`spec.KernelSpec`, `spec.BlockTables`,
 registering a second.
 
 Choice, with PyTorch's key `kernel_options["BACKEND"]`:
-  * "AUTO" (the default): the first registered backend whose `supports`
-    accepts the call; if none does, an error listing every backend's reason.
+  * "AUTO" (the default): the first backend (built-in ones first, then in
+    registration order) that knows every backend-specific kernel_options key
+    given and whose `supports` accepts the call; if none does, an error
+    listing every backend's reason.
   * a name ("TRITON", ...): that backend, or an error with its reason. Never
     a silent fallback to another implementation.
 
@@ -27,6 +29,8 @@ import collections
 import dataclasses
 import importlib
 from typing import Any
+
+import jax
 
 from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods, TableView
@@ -129,30 +133,51 @@ _IMPORT_ERRORS: dict[str, str] = {}
 
 
 def register(backend: Backend) -> None:
-    """Add a backend (after the ones already registered: AUTO tries them in this order)."""
+    """Add a backend after the built-in ones and those already registered (AUTO's order)."""
     if not isinstance(backend, Backend):
         raise TypeError(f"register() takes a dispatch.Backend, got {type(backend).__name__}")
+    if not backend.name.isupper():
+        raise ValueError(
+            f"a backend's name is upper case (kernel_options['BACKEND']), got {backend.name!r}"
+        )
+    _load_builtins()
     _REGISTRY[backend.name] = backend
 
 
-def backends() -> dict[str, Backend]:
-    """The registered backends by name, in AUTO's order (the built-in ones imported first)."""
+def _load_builtins() -> None:
+    """Import the built-in backends once (each registers itself); remember why one did not import."""
     for module in _BUILTIN_BACKENDS:
         if module not in _IMPORT_ERRORS:
+            _IMPORT_ERRORS[module] = ""  # marked first: the module's own register() lands here
             try:
                 importlib.import_module(module)
-                _IMPORT_ERRORS[module] = ""
             except ImportError as e:  # e.g. a JAX without this Pallas lowering
                 _IMPORT_ERRORS[module] = f"{module} did not import: {e}"
+
+
+def backends() -> dict[str, Backend]:
+    """The registered backends by name, in AUTO's order."""
+    _load_builtins()
     return dict(_REGISTRY)
 
 
-def select_backend(name: str, spec: KernelSpec, mods: Mods) -> Backend:
-    """The backend that runs this call (see the module docstring)."""
+def select_backend(name: str, spec: KernelSpec, mods: Mods, option_keys=()) -> Backend:
+    """The backend that runs this call (see the module docstring).
+
+    option_keys: the backend-specific kernel_options keys the call gives.
+    """
     registry = backends()
+    import_errors = [why for why in _IMPORT_ERRORS.values() if why]
     if name == "AUTO":
-        reasons = [f"{n}: {why}" for n, why in _IMPORT_ERRORS.items() if why]
-        for backend in registry.values():
+        knowing = [b for b in registry.values() if set(option_keys) <= set(b.option_keys)]
+        if not knowing:
+            known = {b.name: [*GENERIC_OPTION_KEYS, *b.option_keys] for b in registry.values()}
+            raise ValueError(
+                f"kernel_options has unknown keys {sorted(option_keys)}: no kernel backend "
+                f"reads all of them; known, by backend: {known}"
+            )
+        reasons = list(import_errors)
+        for backend in knowing:
             why = backend.supports(spec, mods)
             if why is None:
                 return backend
@@ -163,7 +188,7 @@ def select_backend(name: str, spec: KernelSpec, mods: Mods) -> Backend:
     if name not in registry:
         raise ValueError(
             f"kernel_options['BACKEND']={name!r} is not a kernel backend; "
-            f"known: {['AUTO', *registry]}"
+            f"known: {['AUTO', *registry]}" + "".join(f"; {why}" for why in import_errors)
         )
     why = registry[name].supports(spec, mods)
     if why is not None:
@@ -206,7 +231,11 @@ class KernelOptions:
                 f"kernel_options['decode'] must be True, False or None, got {decode!r}"
             )
         interpret = options.pop("interpret", None)
-        interpret = default_interpret() if interpret is None else bool(interpret)
+        if interpret is not None and not isinstance(interpret, bool):
+            raise ValueError(
+                f"kernel_options['interpret'] must be True, False or None, got {interpret!r}"
+            )
+        interpret = default_interpret() if interpret is None else interpret
         return cls(
             backend=backend.upper(),
             autotune=autotune,
@@ -272,8 +301,15 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
     from pallas_kernels import autotune, vjp  # vjp and autotune call back into backends
 
     if offsets is not None:
+        if getattr(offsets, "shape", None) != (4,) or offsets.dtype != jax.numpy.int32:
+            raise ValueError(
+                "offsets must be an int32[4] array (b0, h0, q0, kv0) from spec.index_offsets, "
+                f"got {getattr(offsets, 'dtype', type(offsets).__name__)}"
+                f"{list(getattr(offsets, 'shape', []))}"
+            )
         spec = dataclasses.replace(spec, global_offsets=True)
-    backend = select_backend(options.backend, spec, mods)
+    given = [key for key, _ in options.backend_options]
+    backend = select_backend(options.backend, spec, mods, given)
     backend_options = options.for_backend(backend)
     decode = uses_decode(spec, options.decode)
     if options.autotune:

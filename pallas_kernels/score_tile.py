@@ -81,7 +81,9 @@ class TileMods:
         keep = None
         if masked and self.mask is not None:
             keep = eval_mod(self.mask, self.mask_refs, (b, h, q_in, kv_in), s.shape, ops)
-        if masked or spec.S % spec.kv_block_size != 0:
+        if masked or spec.C * spec.kv_block_size != spec.S:
+            # Columns past the key length exist in the last block (or in whole
+            # blocks a BlockMask lists past it): their K/V read as 0, drop them.
             in_range = jnp.broadcast_to(kv_idx < spec.S, s.shape)
             keep = in_range if keep is None else keep & in_range
         if keep is not None:

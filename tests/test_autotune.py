@@ -60,11 +60,20 @@ def test_autotune_times_the_space_once_then_reads_the_file(cache_dir):
     np.testing.assert_allclose(np.asarray(grads), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
-def test_autotune_under_jit_with_traced_block_mask(cache_dir):
-    """Traced tables: the search walks every block of the same shapes; the result is still exact."""
+def test_autotune_under_jit_with_traced_block_mask(cache_dir, monkeypatch):
+    """Traced tables: the search walks every block of the same shapes, running kernels (not
+    tracing them into the user's jit); the result is still exact."""
     q, k, v = random_qkv(1, 1, 2, 64, 96, 16)
     bm = fj.create_block_mask(causal, 1, 1, 64, 96, BLOCK_SIZE=32)
+    timed = []
+
+    def spy(fn, reps):
+        timed.append(jax.tree.leaves(fn()))
+        return 1.0
+
+    monkeypatch.setattr(autotune, "median_ms", spy)
     out = jax.jit(tuned_call)(q, k, v, bm)
+    assert timed and all(not isinstance(x, jax.core.Tracer) for leaves in timed for x in leaves)
     ref = flex_attention_reference(q, k, v, block_mask=bm)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
     assert len(json.loads((cache_dir / "autotune.json").read_text())) == 2

@@ -112,22 +112,46 @@ def test_the_chosen_backend_runs_forward_backward_and_decode(registry):
     assert fake.calls == 3
 
 
-def test_backend_options_are_checked_against_the_chosen_backend():
+def test_backend_options_are_checked_against_the_chosen_backend(registry):
     q, k, v = random_qkv(4, 1, 1, 32, 32, 16)
+    with pytest.raises(ValueError, match="unknown keys \\['BLOCK_Q'\\].*'TRITON': \\['BACKEND'"):
+        fj.flex_attention(q, k, v, kernel_options={"BLOCK_Q": 64})  # AUTO: no backend reads it
     with pytest.raises(ValueError, match="unknown keys \\['BLOCK_Q'\\] for the TRITON backend"):
-        fj.flex_attention(q, k, v, kernel_options={"BLOCK_Q": 64})
+        fj.flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON", "BLOCK_Q": 64})
+    # AUTO skips a backend that does not read the options given.
+    other = FakeBackend("OTHER")
+    other.option_keys = ("BLOCK_Q",)
+    registry(other)
+    out = fj.flex_attention(q, k, v, kernel_options={"block_m": 32})
+    np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+    assert other.calls == 0
+    with pytest.raises(ValueError, match="interpret'\\] must be True, False or None"):
+        fj.flex_attention(q, k, v, kernel_options={"interpret": "no"})
     with pytest.raises(TypeError, match="BACKEND'\\] must be a string"):
         fj.flex_attention(q, k, v, kernel_options={"BACKEND": 3})
 
 
-def test_triton_says_what_it_cannot_run():
+def test_triton_says_what_it_cannot_run(monkeypatch):
+    import pallas_kernels.triton as triton_backend
+
     q, k, v = random_qkv(5, 1, 1, 32, 32, 16)
     call_ = prepare(q, k, v)
     assert TRITON.supports(call_.spec, call_.mods) is None
     replace = lambda **kw: KernelSpec(**{**call_.spec.__dict__, **kw})
     assert "BHSD" in TRITON.supports(replace(layout=Layout.BSHD), call_.mods)
-    assert "float64" in TRITON.supports(replace(dtype="float64", interpret=False), call_.mods)
     assert "head dims up to 256" in TRITON.supports(replace(E=512), call_.mods)
+    monkeypatch.setattr(triton_backend, "has_gpu", lambda: False)
+    assert "need a CUDA GPU" in TRITON.supports(replace(interpret=False), call_.mods)
+    monkeypatch.setattr(triton_backend, "has_gpu", lambda: True)
+    assert "float64" in TRITON.supports(replace(dtype="float64", interpret=False), call_.mods)
+
+
+def test_offsets_must_be_int32_of_four():
+    q, k, v = random_qkv(7, 1, 1, 32, 32, 16)
+    call_ = prepare(q, k, v)
+    for bad in (jnp.zeros((3,), jnp.int32), jnp.zeros((4,), jnp.float32)):
+        with pytest.raises(ValueError, match="offsets must be an int32\\[4\\]"):
+            dispatch.attention(q, k, v, call_.tables, call_.mods, call_.spec, call_.options, bad)
 
 
 def test_retraces_are_counted_through_the_dispatch_hook():

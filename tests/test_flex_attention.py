@@ -122,6 +122,17 @@ def test_no_mask_noop_mod_and_from_kv_blocks_without_full_tables(flex):
     np.testing.assert_allclose(np.asarray(flex(q, k, v, block_mask=bm)), np.asarray(ref), atol=2e-5)
 
 
+def test_full_blocks_listed_past_the_key_length(flex):
+    """A BlockMask may list more kv blocks than the keys fill (C * KV_BLOCK_SIZE > S): they add nothing."""
+    q, k, v = random_qkv(11, 1, 1, 64, 64, 16)
+    idx = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (1, 1, 2, 4))
+    bm = fj.BlockMask.from_kv_blocks(
+        jnp.zeros((1, 1, 2), jnp.int32), idx, jnp.full((1, 1, 2), 4, jnp.int32), idx,
+        BLOCK_SIZE=32, seq_lengths=(64, 64),
+    )  # fmt: skip
+    assert_close(*run_both(flex, q, k, v, block_mask=bm), jnp.float32)
+
+
 def test_new_captured_values_do_not_retrace(flex):
     q, k, v = random_qkv(6, 1, 2, 64, 64, 16)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, 64, 64, BLOCK_SIZE=32)

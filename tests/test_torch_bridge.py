@@ -189,6 +189,31 @@ def test_captured_torch_tensors_and_learnable_parameter():
         assert_close(g, r, F32_TOL, n)
 
 
+def test_flexjax_block_masks_accept_mods_capturing_torch_tensors():
+    """With torch_bridge imported, flexjax's own builders take mods that capture torch tensors."""
+    L = 64
+    doc = torch.tensor([0] * 24 + [1] * 40)
+
+    def same_doc(b, h, qi, kv):
+        return doc[qi] == doc[kv]
+
+    bm = fj.create_block_mask(same_doc, 1, 1, L, L, BLOCK_SIZE=32)
+    rows = fj.BlockMask.from_kv_blocks(
+        bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+        BLOCK_SIZE=32, mask_mod=same_doc,
+    )  # fmt: skip
+    dense = (doc[:, None] == doc[None, :]).numpy()
+    for mask in (bm, rows):
+        np.testing.assert_array_equal(
+            np.asarray(fj.create_mask(mask.mask_mod, 1, 1, L, L))[0, 0], dense
+        )
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=gen) for _ in range(3))
+    out = tb.flex_attention(q, k, v, block_mask=rows)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(dense))
+    assert_close(out, ref, F32_TOL, "out")
+
+
 def test_torch_block_mask_is_converted_with_its_jnp_mask_mod():
     L = 100
     t_bm = tfa.create_block_mask(torch_twins.causal_mask, 1, 1, L, L, device="cpu", BLOCK_SIZE=32)

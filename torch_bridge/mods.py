@@ -123,7 +123,8 @@ def rebuild(fn: Callable | None, replacements: dict[int, object]) -> Callable | 
 def jax_arrays(fn: Callable | None) -> dict[int, object]:
     """{id(tensor): a jax array sharing its memory} for each torch tensor `fn` captures."""
     return {
-        id(t): tensor_to_jax(t, f"a tensor captured by {mod_name(fn)}", False) for t in captured_tensors(fn)
+        id(t): tensor_to_jax(t, f"a tensor captured by {mod_name(fn)}", False)
+        for t in captured_tensors(fn)
     }
 
 

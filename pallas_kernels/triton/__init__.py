@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.mod_eval import mod_loads
+from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import KernelSpec, Layout, Mods
 from pallas_kernels.triton import configs
 from pallas_kernels.triton.bwd import BwdConfig, flex_bwd
@@ -36,6 +37,10 @@ class TritonBackend(dispatch.Backend):
     option_keys = configs.OPTION_KEYS
 
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
+        if not spec.interpret and not has_gpu():
+            return (
+                "compiled kernels need a CUDA GPU and JAX has none (kernel_options interpret=False)"
+            )
         if spec.layout is not Layout.BHSD:
             return f"its launchers take the BHSD layout, got {spec.layout.value}"
         if not spec.interpret and spec.dtype not in _DTYPES:
