@@ -51,24 +51,11 @@ class Layout(enum.Enum):
     BHSD = "BHSD"  # [batch, heads, sequence, head dim]: PyTorch's and flex_attention's
     BSHD = "BSHD"  # [batch, sequence, heads, head dim]: jax.nn.dot_product_attention's
 
-    @property
-    def seq_axis(self) -> int:
-        return 2 if self is Layout.BHSD else 1
-
-    @property
-    def head_axis(self) -> int:
-        return 1 if self is Layout.BHSD else 2
-
     def shape(self, batch: int, heads: int, seq: int, dim: int) -> tuple[int, int, int, int]:
         """An array's shape in this layout."""
         if self is Layout.BHSD:
             return (batch, heads, seq, dim)
         return (batch, seq, heads, dim)
-
-    def sizes(self, shape) -> tuple[int, int, int, int]:
-        """(batch, heads, seq, dim) of an array in this layout."""
-        b, x, y, d = shape
-        return (b, x, y, d) if self is Layout.BHSD else (b, y, x, d)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
