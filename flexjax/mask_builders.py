@@ -25,7 +25,14 @@ from flexjax.block_mask import (
     dense_to_ordered,
     parse_block_size,
 )
-from flexjax.mod_utils import ModKind, get_mod_kind, noop_mask, traced_mod, vmap_bhqkv
+from flexjax.mod_utils import (
+    ModKind,
+    convert_mod,
+    get_mod_kind,
+    noop_mask,
+    traced_mod,
+    vmap_bhqkv,
+)
 from pallas_kernels.mod_trace import ModProgram
 
 __all__ = ["create_block_mask", "create_mask"]
@@ -158,5 +165,5 @@ def create_block_mask(
     if mask_mod is noop_mask:
         program, consts = None, ()  # nothing to evaluate in the kernels
     return BlockMask._from_program(
-        (Q_LEN, KV_LEN), tables, (q_bs, kv_bs), program, consts, mask_mod=mask_mod
+        (Q_LEN, KV_LEN), tables, (q_bs, kv_bs), program, consts, mask_mod=convert_mod(mask_mod)
     )

@@ -91,6 +91,7 @@ def vmap_bhqkv(fn: Callable, kind: ModKind) -> Callable:
     not mapped (the kernels pass a scalar b and h and vectors for q and kv).
     """
     has_score = kind is ModKind.SCORE_MOD
+    fn = convert_mod(fn)
 
     def lifted(*args):
         f = fn
