@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[torch,test,bench,lint]"
 	touch $(STAMP)
 
+# The multi-device tests need 4 JAX devices, forced on the CPU before JAX starts: their own run.
 test: install
 	$(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -q tests/multidevice
 
 demo: install
 	$(PY) -m flexjax.gym

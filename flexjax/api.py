@@ -15,11 +15,16 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
 
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
+from flexjax.sharding import local_block_mask, shard_layout
 from pallas_kernels import dispatch
+from pallas_kernels.mod_trace import indices_read
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods
+from pallas_kernels.vma import varying_axes
 
 __all__ = ["Prepared", "flex_attention", "prepare"]
 
@@ -100,6 +105,8 @@ def flex_attention(
     enable_gqa: bool = False,
     return_lse: bool = False,
     kernel_options: dict | None = None,
+    *,
+    q_sharding: PartitionSpec | None = None,
 ):
     """Block-sparse attention with user mods, on Pallas kernels.
 
@@ -127,9 +134,53 @@ def flex_attention(
     | block_m, block_n, num_warps, num_stages | TRITON forward: compute tiles (powers of 2 dividing the BlockMask's block size) and launch parameters. |
     | bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages | TRITON backward (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the dq kernel uses transposed, so each must divide both block sizes). |
     | decode_block_n, decode_splits, decode_num_warps, decode_num_stages | TRITON decode kernel. |
+
+    q_sharding: inside a `jax.shard_map`, q's PartitionSpec there (over
+    [B, Hq, L, E]; batch and heads may be split). The mods then see global
+    batch and head indices on every shard, and a whole (replicated)
+    block_mask is cut to the shard's batches and heads (`flexjax.sharding`).
+    Without it, a call inside shard_map whose mods read b or h is refused
+    rather than computed with shard-local indices.
     """
+    offsets = None
+    if q_sharding is not None:
+        layout = shard_layout(q_sharding)
+        B, Hq = query.shape[:2]
+        block_mask = local_block_mask(block_mask, layout, B, Hq)
+        offsets = layout.offsets(B, Hq)
     call = prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
+    if offsets is None:
+        _refuse_local_indices(query, call.mods)
     out, lse = dispatch.attention(
-        query, key, value, call.tables, call.mods, call.spec, call.options
+        query, key, value, call.tables, call.mods, call.spec, call.options, offsets
     )
     return (out, lse) if return_lse else out
+
+
+def _refuse_local_indices(query, mods: Mods) -> None:
+    """Inside a shard_map, mods reading b or h need q_sharding (else they would see local ones).
+
+    With check_vma=True a query that varies over no axis is whole on every
+    device, so its local indices are the global ones; with check_vma=False
+    nothing says so, and any manual mesh axis counts.
+    """
+    read = indices_read(mods.score) | indices_read(mods.mask)
+    names = [n for i, n in ((0, "b"), (1, "h")) if i in read]
+    manual = _manual_axes()
+    if not names or not manual:
+        return
+    vma_checked = bool(varying_axes(lax.axis_index(manual[0])))
+    if vma_checked and not varying_axes(query):
+        return
+    raise ValueError(
+        f"flex_attention inside jax.shard_map (manual mesh axes {manual}): the mods read "
+        f"{' and '.join(names)}, which would be this shard's local indices. Pass "
+        "q_sharding=<query's PartitionSpec in the shard_map> so they see global ones."
+    )
+
+
+def _manual_axes() -> list[str]:
+    """The mesh axes a shard_map around this call made manual (none outside one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = jax.sharding.AxisType.Manual
+    return [n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == manual]

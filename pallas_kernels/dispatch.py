@@ -34,6 +34,7 @@ import jax
 
 from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods, TableView
+from pallas_kernels.vma import cast_varying, varying_axes
 
 __all__ = [
     "DECODE_MAX_Q_LEN",
@@ -317,4 +318,7 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
     else:
         cfgs = backend.configs(spec, mods, backend_options, decode)
     attend = vjp.attention_fn(backend, spec, mods.programs, cfgs)
-    return attend(q, k, v, tables, tuple(mods.score_consts), tuple(mods.mask_consts), offsets)
+    args = (q, k, v, tables, tuple(mods.score_consts), tuple(mods.mask_consts), offsets)
+    # Inside shard_map: every operand varies like the others, so autodiff sums the
+    # gradients of replicated ones (vma.py).
+    return attend(*cast_varying(args, varying_axes(args)))

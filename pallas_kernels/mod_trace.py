@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-__all__ = ["ModProgram", "ModTraceError", "mod_name", "trace_mod"]
+__all__ = ["ModProgram", "ModTraceError", "indices_read", "mod_name", "trace_mod"]
 
 
 class ModTraceError(TypeError):
@@ -115,3 +115,13 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
         mod_name(fn), is_score_mod, closed.jaxpr, tuple(slots), shapes, dtypes, key
     )
     return program, hoisted
+
+
+def indices_read(program: ModProgram | None) -> set[int]:
+    """Which of (b, h, q_idx, kv_idx) -- 0 to 3 -- a program reads (conservatively: any use)."""
+    if program is None:
+        return set()
+    index_vars = program.jaxpr.invars[-4:]
+    read = {id(v) for eqn in program.jaxpr.eqns for v in eqn.invars}
+    read |= {id(v) for v in program.jaxpr.outvars}
+    return {i for i, v in enumerate(index_vars) if id(v) in read}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.mod_eval import eval_mod, eval_score_mod_vjp
-from pallas_kernels.mod_trace import ModProgram
+from pallas_kernels.mod_trace import ModProgram, indices_read
 from pallas_kernels.softmax import MASKED_SCORE
 from pallas_kernels.spec import KernelSpec
 
@@ -49,7 +49,7 @@ class TileMods:
         self.spec, self.ops = spec, ops
         self.score, self.mask = programs
         self.score_refs, self.mask_refs = score_refs, mask_refs
-        used = _indices_used(self.score) | _indices_used(self.mask)
+        used = indices_read(self.score) | indices_read(self.mask)
         self.offsets = tuple(
             offsets_ref[i] if offsets_ref is not None and i in used else 0 for i in range(4)
         )
@@ -101,16 +101,6 @@ class TileMods:
                 return ds_raw, grads
 
         return s, keep, pullback
-
-
-def _indices_used(program: ModProgram | None) -> set[int]:
-    """Which of (b, h, q_idx, kv_idx) -- 0 to 3 -- the program reads."""
-    if program is None:
-        return set()
-    index_vars = program.jaxpr.invars[-4:]
-    read = {id(v) for eqn in program.jaxpr.eqns for v in eqn.invars}
-    read |= {id(v) for v in program.jaxpr.outvars}
-    return {i for i, v in enumerate(index_vars) if id(v) in read}
 
 
 def _shifted(index, offset):

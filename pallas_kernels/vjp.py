@@ -98,4 +98,6 @@ def attention_fn(backend, spec: KernelSpec, programs: tuple, cfgs):
         return dq, dk, dv, no_tables, tuple(score_grads), (None,) * len(mask_consts), None
 
     attention.defvjp(fwd, bwd, symbolic_zeros=True)
-    return attention
+    # Jitted: a custom_vjp with symbolic zeros cannot run in an eager shard_map, and
+    # one cached executable is also the cheapest eager call.
+    return jax.jit(attention)

@@ -67,6 +67,7 @@ from pallas_kernels.triton.launch import (
 )
 from pallas_kernels.triton.tile_ops import tile_ops_for
 from pallas_kernels.triton.walk import walk_tiles
+from pallas_kernels.vma import cast_varying, out_struct, varying_axes
 
 __all__ = ["BwdConfig", "flex_bwd"]
 
@@ -251,11 +252,16 @@ def flex_bwd(
     Ep, Evp = padded_dim(spec.E), padded_dim(spec.Ev)
     extra = mod_inputs(mods, offsets)
     info = kernel_mods(mods)
+    axes = varying_axes(q, k, v, do, lse, delta, tables, extra)
     kv_b = (lambda b: 0) if spec.kv_batch_broadcast else (lambda b: b)
 
     # dq: grid (q tile, batch, query head), the tiles transposed (see BwdConfig).
     dq_cfg = dataclasses.replace(cfg, block_m=cfg.block_n, block_n=cfg.block_m)
-    zeros = [jnp.zeros((mods.score_consts[i].size,), jnp.float32) for i in grad_slots]
+    # The gradient accumulators are aliased outputs, typed by these inputs: per-shard
+    # partial sums inside a shard_map, so varying like the operands.
+    zeros = [
+        cast_varying(jnp.zeros((mods.score_consts[i].size,), jnp.float32), axes) for i in grad_slots
+    ]
     q_at = lambda t, b, h: (b, h, t)
     kv_at = lambda t, b, h: (kv_b(b), div_static(h, G), 0)
     n_in = 10 + len(extra)
@@ -274,7 +280,7 @@ def flex_bwd(
             *[whole(z) for z in zeros],
         ],
         out_specs=[tile_spec(layout, None, dq_cfg.block_m, Ep, q_at), *[whole(z) for z in zeros]],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *zeros],
+        out_shape=[out_struct(q.shape, q.dtype, axes), *zeros],
         input_output_aliases={n_in + i: 1 + i for i in range(len(zeros))},
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
@@ -305,11 +311,11 @@ def flex_bwd(
             tile_spec(layout, None, cfg.block_n, Evp, out_at),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(
-                layout.shape(B, Hkv, spec.S, spec.E), jnp.float32 if summed else k.dtype
+            out_struct(
+                layout.shape(B, Hkv, spec.S, spec.E), jnp.float32 if summed else k.dtype, axes
             ),
-            jax.ShapeDtypeStruct(
-                layout.shape(B, Hkv, spec.S, spec.Ev), jnp.float32 if summed else v.dtype
+            out_struct(
+                layout.shape(B, Hkv, spec.S, spec.Ev), jnp.float32 if summed else v.dtype, axes
             ),
         ],
         compiler_params=compiler_params(spec, cfg),

@@ -59,6 +59,7 @@ from pallas_kernels.triton.launch import (
 )
 from pallas_kernels.triton.tile_ops import tile_ops_for
 from pallas_kernels.triton.walk import walk_tiles
+from pallas_kernels.vma import out_struct, varying_axes
 
 __all__ = ["DecodeConfig", "flex_decode"]
 
@@ -141,6 +142,7 @@ def flex_decode(
         return (0 if spec.kv_batch_broadcast else b, div_static(hp * P, G), 0, 0)
 
     extra = mod_inputs(mods, offsets)
+    axes = varying_axes(q, k, v, tables, extra)
     o_part, lse_part = pl.pallas_call(
         functools.partial(_decode_kernel, spec=spec, cfg=cfg, **kernel_mods(mods)),
         grid=(cfg.splits, B, HP),
@@ -156,8 +158,8 @@ def flex_decode(
             pl.BlockSpec((None, None, None, cfg.rows), lambda s, b, h: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, HP, cfg.splits, rows, spec.Ev), jnp.float32),
-            jax.ShapeDtypeStruct((B, HP, cfg.splits, rows), jnp.float32),
+            out_struct((B, HP, cfg.splits, rows, spec.Ev), jnp.float32, axes),
+            out_struct((B, HP, cfg.splits, rows), jnp.float32, axes),
         ],
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,

@@ -51,6 +51,7 @@ from pallas_kernels.triton.launch import (
 )
 from pallas_kernels.triton.tile_ops import tile_ops_for
 from pallas_kernels.triton.walk import walk_tiles
+from pallas_kernels.vma import out_struct, varying_axes
 
 __all__ = ["FwdConfig", "KvTiles", "flex_fwd", "tile_step"]
 
@@ -162,6 +163,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
     q_at = lambda tile, b, h: (b, h, tile)
     extra = mod_inputs(mods, offsets)
+    axes = varying_axes(q, k, v, tables, extra)
     in_specs = [
         tile_spec(layout, None, cfg.block_m, Ep, q_at),
         tile_spec(layout, None, kv_rows(spec), Ep, kv_at),
@@ -179,8 +181,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=[
-            jax.ShapeDtypeStruct(layout.shape(spec.B, spec.Hq, spec.L, spec.Ev), q.dtype),
-            jax.ShapeDtypeStruct(layout.shape(spec.B, spec.Hq, spec.L, 0)[:3], jnp.float32),
+            out_struct(layout.shape(spec.B, spec.Hq, spec.L, spec.Ev), q.dtype, axes),
+            out_struct(layout.shape(spec.B, spec.Hq, spec.L, 0)[:3], jnp.float32, axes),
         ],
         compiler_params=compiler_params(spec, cfg),
         interpret=spec.interpret,
