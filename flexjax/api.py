@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec
 
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
-from flexjax.sharding import local_block_mask, shard_layout
+from flexjax.sharding import explicit_call, explicit_q_spec, local_block_mask, shard_layout
 from pallas_kernels import dispatch
 from pallas_kernels.mod_trace import indices_read
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods
@@ -64,9 +64,15 @@ def prepare(
     offsets passed to `dispatch.attention` (`spec.index_offsets`) say where it
     sits in the whole.
     """
+    score = check_score_mod(score_mod)
+    return _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options)
+
+
+def _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options) -> Prepared:
+    """`prepare` with the score_mod already traced: score = (program, captured arrays)."""
     shape = check_qkv(query, key, value, enable_gqa)
     scale = check_scale(scale, shape.E)
-    score_program, score_consts = check_score_mod(score_mod)
+    score_program, score_consts = score
     check_block_mask(block_mask, shape)
     options = dispatch.KernelOptions.parse(kernel_options)
 
@@ -140,21 +146,35 @@ def flex_attention(
     batch and head indices on every shard, and a whole (replicated)
     block_mask is cut to the shard's batches and heads (`flexjax.sharding`).
     Without it, a call inside shard_map whose mods read b or h is refused
-    rather than computed with shard-local indices.
+    rather than computed with shard-local indices. On Explicit mesh axes
+    (`jax.set_mesh`) q's sharding is read from its type and the call runs on
+    its shards by itself, keeping q's sharding for the outputs.
     """
+    score = check_score_mod(score_mod)  # traced once, here, whatever follows
+    options = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options)
+    explicit = explicit_q_spec(query) if q_sharding is None else None
+    if explicit is not None:
+        out, lse = explicit_call(_attend, query, key, value, score, block_mask, explicit, **options)
+    else:
+        out, lse = _attend(query, key, value, score, block_mask, q_sharding=q_sharding, **options)
+    return (out, lse) if return_lse else out
+
+
+def _attend(query, key, value, score, block_mask, *, scale, enable_gqa, kernel_options,
+            q_sharding=None):  # fmt: skip
+    """(out, lse) of a call on this device's arrays; q_sharding: see flex_attention."""
     offsets = None
     if q_sharding is not None:
         layout = shard_layout(q_sharding)
         B, Hq = query.shape[:2]
         block_mask = local_block_mask(block_mask, layout, B, Hq)
         offsets = layout.offsets(B, Hq)
-    call = prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
+    call = _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options)
     if offsets is None:
         _refuse_local_indices(query, call.mods)
-    out, lse = dispatch.attention(
+    return dispatch.attention(
         query, key, value, call.tables, call.mods, call.spec, call.options, offsets
     )
-    return (out, lse) if return_lse else out
 
 
 def _refuse_local_indices(query, mods: Mods) -> None:

@@ -20,6 +20,13 @@ The BlockMask may be passed whole (replicated): tables whose batch or head
 dimension is the global size are sliced to this shard's block here; tables
 of size 1 broadcast; tables already of the local size are used as given.
 Captured arrays of the mods stay whole: mods index them with global indices.
+
+Explicit mesh axes (`jax.make_mesh(..., axis_types=Explicit)` + `jax.set_mesh`)
+put the sharding in the arrays' types, so there flex_attention reads q's
+PartitionSpec at trace time and runs the same local call under a shard_map
+of its own (`explicit_call`). What it needs it arranges, explicitly: k and v
+resharded to q's batch and head split if theirs differs, the block mask and
+the mods' captured arrays replicated. The outputs keep q's sharding.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from jax.sharding import PartitionSpec
 from flexjax.block_mask import BlockMask
 from pallas_kernels.spec import index_offsets
 
-__all__ = ["ShardLayout", "shard_layout"]
+__all__ = ["ShardLayout", "explicit_call", "explicit_q_spec", "shard_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +120,58 @@ def _local(table, axis: int, size: int, local: int, axes, layout: ShardLayout, w
         )
     start = layout.position(axes) * local
     return lax.dynamic_slice_in_dim(table, start, local, axis=axis)
+
+
+def explicit_q_spec(query) -> PartitionSpec | None:
+    """q's PartitionSpec when its type carries a sharding over Explicit mesh axes, else None."""
+    sharding = getattr(jax.typeof(query), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh.axis_names:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    if not any(t == explicit for t in mesh.axis_types):
+        return None
+    spec = sharding.spec
+    return spec if any(entry is not None for entry in spec) else None
+
+
+def explicit_call(attend, query, key, value, score, block_mask, q_spec, **kwargs):
+    """attend(...) on the shards of q's Explicit sharding: a shard_map over the local call.
+
+    attend(q, k, v, score, block_mask, q_sharding=..., **kwargs) -> (out, lse):
+    the local call; score: the traced score_mod (program, captured arrays),
+    whose arrays cross into the shard_map as arguments, not closures.
+    """
+    score_program, score_consts = score
+    layout = shard_layout(q_spec)
+    b_entry, h_entry = _entry(layout.batch_axes), _entry(layout.head_axes)
+    kv_batch = b_entry if key.shape[0] > 1 else None
+    kv_spec = PartitionSpec(kv_batch, h_entry)
+    key, value = (_resharded(x, kv_spec) for x in (key, value))
+    score_consts = tuple(_resharded(c, PartitionSpec()) for c in score_consts)
+    block_mask = jax.tree.map(lambda t: _resharded(t, PartitionSpec()), block_mask)
+    mesh = jax.typeof(query).sharding.mesh
+
+    def local(q, k, v, consts, bm):
+        q_sharding = PartitionSpec(b_entry, h_entry)
+        return attend(q, k, v, (score_program, consts), bm, q_sharding=q_sharding, **kwargs)
+
+    q_out = PartitionSpec(b_entry, h_entry)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_out, kv_spec, kv_spec, PartitionSpec(), PartitionSpec()),
+        out_specs=(q_out, q_out), axis_names=set(mesh.axis_names), check_vma=False,
+    )(query, key, value, score_consts, block_mask)  # fmt: skip
+
+
+def _entry(axes: tuple[str, ...]):
+    """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _resharded(x, spec: PartitionSpec):
+    """x with sharding `spec` on its mesh: itself if it has it, else an explicit reshard."""
+    current = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    padded = tuple(spec) + (None,) * (x.ndim - len(spec))
+    if current is not None and tuple(current) + (None,) * (x.ndim - len(current)) == padded:
+        return x
+    return jax.sharding.reshard(x, PartitionSpec(*padded))
