@@ -31,95 +31,35 @@ the mods' captured arrays replicated. The outputs keep q's sharding.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import jax
-from jax import lax
 from jax.sharding import PartitionSpec
 
 from flexjax.block_mask import BlockMask
-from pallas_kernels.spec import index_offsets
+from pallas_kernels.partition import ShardLayout, local_tables
 
-__all__ = ["ShardLayout", "explicit_call", "explicit_q_spec", "shard_layout"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardLayout:
-    """How q's batch and head dimensions are split over mesh axes (from a PartitionSpec)."""
-
-    batch_axes: tuple[str, ...]
-    head_axes: tuple[str, ...]
-
-    def count(self, axes: tuple[str, ...]) -> int:
-        """How many shards `axes` make (inside shard_map: from the current mesh)."""
-        sizes = jax.sharding.get_abstract_mesh().shape
-        return math.prod(sizes[a] for a in axes)
-
-    def position(self, axes: tuple[str, ...]):
-        """This device's index among the shards of `axes` (row-major, as PartitionSpec splits)."""
-        return lax.axis_index(axes) if axes else 0
-
-    def offsets(self, batch: int, q_heads: int):
-        """The int32[4] index offsets of this shard: (b0, h0, 0, 0)."""
-        b0 = self.position(self.batch_axes) * batch
-        h0 = self.position(self.head_axes) * q_heads
-        return index_offsets(b=b0, h=h0)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+__all__ = ["explicit_call", "explicit_q_spec", "local_block_mask", "shard_layout"]
 
 
 def shard_layout(q_sharding) -> ShardLayout:
-    """Check q_sharding (q's PartitionSpec, [B, Hq, L, E]) and read which axes split B and Hq."""
+    """Check q_sharding (q's PartitionSpec, [B, Hq, L, E]) and read which mesh axes split B and Hq."""
     if not isinstance(q_sharding, PartitionSpec):
         raise TypeError(
             "q_sharding must be a jax.sharding.PartitionSpec (q's in_spec in the enclosing "
             f"shard_map, over [B, Hq, L, E]), got {type(q_sharding).__name__}: {q_sharding!r}"
         )
-    entries = tuple(q_sharding) + (None,) * (4 - len(q_sharding))
-    if len(entries) > 4:
+    if len(q_sharding) > 4:
         raise ValueError(f"q_sharding has {len(q_sharding)} entries; q has 4 dims [B, Hq, L, E]")
-    if entries[2] is not None or entries[3] is not None:
-        raise NotImplementedError(
-            f"q_sharding={q_sharding} splits the sequence or head dim of q: flex_attention "
-            "shards batch and heads (P(batch_axes, head_axes)); sequence sharding is context "
-            "parallelism, which this mode does not do"
-        )
-    return ShardLayout(batch_axes=_axes(entries[0]), head_axes=_axes(entries[1]))
+    return ShardLayout.from_spec(q_sharding, dict(jax.sharding.get_abstract_mesh().shape))
 
 
 def local_block_mask(block_mask: BlockMask, layout: ShardLayout, batch: int, q_heads: int):
-    """The BlockMask of this shard: tables of the global batch or head size sliced to its block."""
+    """The BlockMask of this shard: tables of the global batch or head size cut to its block."""
     if block_mask is None:
         return None
-    tables, (seq_lengths, block_size, program) = block_mask.tree_flatten()
-    *tables, consts = tables
-    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
-    sliced = []
-    for t in tables:
-        if t is not None:
-            t = _local(t, 0, Bm, batch, layout.batch_axes, layout, "batch")
-            t = _local(t, 1, Hm, q_heads, layout.head_axes, layout, "heads")
-        sliced.append(t)
-    return BlockMask.tree_unflatten((seq_lengths, block_size, program), (*sliced, consts))
-
-
-def _local(table, axis: int, size: int, local: int, axes, layout: ShardLayout, what: str):
-    """table's block of this shard along `axis` (size: the table's own, local: the shard's)."""
-    shards = layout.count(axes)
-    if size == 1 or size == local:
-        return table  # broadcast, or already this shard's block
-    if size != local * shards:
-        raise ValueError(
-            f"block_mask {what} dimension is {size}; with q's {what} split {shards} ways "
-            f"({local} per shard) it must be 1, {local} (this shard's) or {local * shards} (whole)"
-        )
-    start = layout.position(axes) * local
-    return lax.dynamic_slice_in_dim(table, start, local, axis=axis)
+    leaves, aux = block_mask.tree_flatten()
+    *tables, consts = leaves
+    tables = local_tables(tables, layout, batch, q_heads)
+    return BlockMask.tree_unflatten(aux, (*tables, consts))
 
 
 def explicit_q_spec(query) -> PartitionSpec | None:
@@ -144,7 +84,7 @@ def explicit_call(attend, query, key, value, score, block_mask, q_spec, **kwargs
     """
     score_program, score_consts = score
     layout = shard_layout(q_spec)
-    b_entry, h_entry = _entry(layout.batch_axes), _entry(layout.head_axes)
+    b_entry, h_entry = layout.entry(layout.batch_axes), layout.entry(layout.head_axes)
     kv_batch = b_entry if key.shape[0] > 1 else None
     kv_spec = PartitionSpec(kv_batch, h_entry)
     key, value = (_resharded(x, kv_spec) for x in (key, value))
@@ -161,11 +101,6 @@ def explicit_call(attend, query, key, value, score, block_mask, q_spec, **kwargs
         local, mesh=mesh, in_specs=(q_out, kv_spec, kv_spec, PartitionSpec(), PartitionSpec()),
         out_specs=(q_out, q_out), axis_names=set(mesh.axis_names), check_vma=False,
     )(query, key, value, score_consts, block_mask)  # fmt: skip
-
-
-def _entry(axes: tuple[str, ...]):
-    """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
-    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def _resharded(x, spec: PartitionSpec):

@@ -299,7 +299,7 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
     int32[4] (b0, h0, q0, kv0) of a shard or chunk (`spec.index_offsets`), or
     None for a whole call (all zero: the kernels are built without them).
     """
-    from pallas_kernels import autotune, vjp  # vjp and autotune call back into backends
+    from pallas_kernels import autotune, partition, vjp  # they call back into backends
 
     if offsets is not None:
         if getattr(offsets, "shape", None) != (4,) or offsets.dtype != jax.numpy.int32:
@@ -317,7 +317,10 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
         cfgs = autotune.tune(backend, spec, mods, q, k, v, tables, offsets, backend_options, decode)
     else:
         cfgs = backend.configs(spec, mods, backend_options, decode)
-    attend = vjp.attention_fn(backend, spec, mods.programs, cfgs)
+    auto = None
+    if offsets is None and partition.use_auto_partitioning():
+        auto = tuple(sorted(backend_options.items()))
+    attend = vjp.attention_fn(backend, spec, mods.programs, cfgs, auto)
     args = (q, k, v, tables, tuple(mods.score_consts), tuple(mods.mask_consts), offsets)
     # Inside shard_map: every operand varies like the others, so autodiff sums the
     # gradients of replicated ones (vma.py).

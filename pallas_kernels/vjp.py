@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from pallas_kernels.partition import partitioned_stages
 from pallas_kernels.softmax import MASKED_SCORE
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods
 
@@ -40,25 +41,36 @@ def preprocess(out, dout, lse, dlse):
 
 
 @functools.lru_cache(maxsize=256)
-def attention_fn(backend, spec: KernelSpec, programs: tuple, cfgs):
+def attention_fn(backend, spec: KernelSpec, programs: tuple, cfgs, auto_partition=None):
     """The differentiable f(q, k, v, tables, score_consts, mask_consts, offsets) -> (out, lse).
 
     programs: (score_mod, mask_mod) programs of `Mods`; cfgs: the backend's
     `KernelConfigs`. With cfgs.decode, a call that is not differentiated runs
     the decode kernel; under differentiation the forward is always the
-    regular one (its residuals feed the backward).
+    regular one (its residuals feed the backward). auto_partition: None, or
+    the backend's kernel_options as sorted pairs to run every kernel stage
+    as a custom_partitioning op (`partition.partitioned_stages`; offsets are
+    then None).
     """
 
     def mods_of(score_consts, mask_consts) -> Mods:
         return Mods(*programs, tuple(score_consts), tuple(mask_consts))
 
+    stages = None
+    if auto_partition is not None:
+        stages = partitioned_stages(backend, spec, programs, cfgs, auto_partition)
+
     def regular(q, k, v, tables, score_consts, mask_consts, offsets):
+        if stages is not None:
+            return stages[0](q, k, v, tables, tuple(score_consts), tuple(mask_consts))
         mods = mods_of(score_consts, mask_consts)
         return backend.fwd(q, k, v, tables.rows, mods, offsets, spec=spec, cfg=cfgs.fwd)
 
     def forward(q, k, v, tables, score_consts, mask_consts, offsets):
         if cfgs.decode is None:
             return regular(q, k, v, tables, score_consts, mask_consts, offsets)
+        if stages is not None:
+            return stages[1](q, k, v, tables, tuple(score_consts), tuple(mask_consts))
         mods = mods_of(score_consts, mask_consts)
         return backend.decode(q, k, v, tables.rows, mods, offsets, spec=spec, cfg=cfgs.decode)
 
@@ -85,11 +97,17 @@ def attention_fn(backend, spec: KernelSpec, programs: tuple, cfgs):
         if isinstance(dlse, SymbolicZero):
             dlse = None
         delta, lse_b = preprocess(out, dout, lse, dlse)
-        mods = mods_of(score_consts, mask_consts)
-        dq, dk, dv, const_grads = backend.bwd(
-            q, k, v, dout.astype(q.dtype), lse_b, delta, tables, mods, offsets,
-            spec=spec, cfg=cfgs.bwd, grad_slots=grad_slots,
-        )  # fmt: skip
+        do = dout.astype(q.dtype)
+        if stages is not None:
+            dq, dk, dv, const_grads = stages[2](grad_slots)(
+                q, k, v, do, lse_b, delta, tables, tuple(score_consts), tuple(mask_consts)
+            )
+        else:
+            mods = mods_of(score_consts, mask_consts)
+            dq, dk, dv, const_grads = backend.bwd(
+                q, k, v, do, lse_b, delta, tables, mods, offsets,
+                spec=spec, cfg=cfgs.bwd, grad_slots=grad_slots,
+            )  # fmt: skip
         score_grads = [None] * len(score_consts)
         for slot, g in zip(grad_slots, const_grads, strict=True):
             c = score_consts[slot]

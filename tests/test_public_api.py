@@ -22,6 +22,9 @@ PUBLIC_MODULES = [
     "pallas_kernels.mod_trace",
     "pallas_kernels.mod_eval",
     "pallas_kernels.triton",
+    "pallas_kernels.partition",
+    "pallas_kernels.vma",
+    "flexjax.sharding",
 ]
 
 
@@ -47,7 +50,7 @@ def test_import_direction():
     code = (
         "import sys\n"
         "import pallas_kernels.approx_math, pallas_kernels.dispatch, pallas_kernels.triton\n"
-        "import pallas_kernels.vjp, pallas_kernels.autotune\n"
+        "import pallas_kernels.vjp, pallas_kernels.autotune, pallas_kernels.partition\n"
         "assert not any(m.startswith(('flexjax', 'torch')) for m in sys.modules), sorted(sys.modules)\n"
         "import flexjax.examples\n"
         "assert not any(m.startswith('torch') for m in sys.modules)\n"
