@@ -263,7 +263,8 @@ def uses_decode(spec: KernelSpec, want: bool | None) -> bool:
 
     want: kernel_options["decode"] (None automatic, False never, True required).
     """
-    fits = spec.L < DECODE_MAX_Q_LEN and spec.L <= spec.q_block_size
+    fits = spec.L < DECODE_MAX_Q_LEN and spec.L <= spec.q_block_size and not spec.q_map_len
+    fits = fits and not spec.kv_map_len
     if want and not fits:
         raise ValueError(
             "kernel_options['decode']=True needs a query shorter than "
@@ -297,14 +298,22 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
 
     q, k, v in spec.layout's order; tables, mods as in `spec`. offsets: the
     int32[4] (b0, h0, q0, kv0) of a shard or chunk (`spec.index_offsets`), or
-    None for a whole call (all zero: the kernels are built without them).
+    None for a whole call (all zero: the kernels are built without them);
+    int32[4 + R (+ C)] when spec.q_map_len (kv_map_len): `spec.q_block_offsets`.
     """
     from pallas_kernels import autotune, partition, vjp  # they call back into backends
 
+    mapped = (spec.R if spec.q_map_len else 0) + (spec.C if spec.kv_map_len else 0)
+    if mapped and offsets is None:
+        raise ValueError("spec.q_map_len / kv_map_len need offsets with the block maps")
     if offsets is not None:
-        if getattr(offsets, "shape", None) != (4,) or offsets.dtype != jax.numpy.int32:
+        n = 4 + mapped
+        if getattr(offsets, "shape", None) != (n,) or offsets.dtype != jax.numpy.int32:
+            what = "(b0, h0, q0, kv0) from spec.index_offsets"
+            if mapped:
+                what = "(b0, h0, q0, kv0, first row of each mapped block) from spec.q_block_offsets"
             raise ValueError(
-                "offsets must be an int32[4] array (b0, h0, q0, kv0) from spec.index_offsets, "
+                f"offsets must be an int32[{n}] array {what}, "
                 f"got {getattr(offsets, 'dtype', type(offsets).__name__)}"
                 f"{list(getattr(offsets, 'shape', []))}"
             )

@@ -9,7 +9,11 @@ Indices: the kernel passes its *local* tile indices (program ids, rows of its
 shard or chunk). Rows and columns past the local lengths are clamped (their
 scores are dropped afterwards: mods only ever see in-range indices), then
 the call's index offsets (b0, h0, q0, kv0) are added, so the mods see global
-indices. The kv bound uses the local column.
+indices. The kv bound uses the local column. Under context parallelism with
+a load-balancing order (`KernelSpec.q_map_len`) each local q block has its
+own global start: the kernel asks `q_shift(block)` once per q block and
+passes it to `apply`; likewise `kv_shift(block)` for a ring's kv chunks
+(`KernelSpec.kv_map_len`), which also bounds the global key length.
 
 The tile may be in either orientation: the forward and the dq kernel use
 [BM, BN] (q_idx [BM, 1], kv_idx [1, BN]); the dk/dv kernel uses the transpose
@@ -50,11 +54,34 @@ class TileMods:
         self.score, self.mask = programs
         self.score_refs, self.mask_refs = score_refs, mask_refs
         used = indices_read(self.score) | indices_read(self.mask)
+        self.offsets_ref = offsets_ref
+        # A mapped kv whose global length ends inside a block needs the global
+        # column for its bound even when no mod reads kv_idx.
+        self.kv_bounded = spec.kv_map_len % spec.kv_block_size != 0
+        self.q_mapped = spec.q_map_len > 0 and 2 in used
+        self.kv_mapped = spec.kv_map_len > 0 and (3 in used or self.kv_bounded)
+        mapped = {2: spec.q_map_len > 0, 3: spec.kv_map_len > 0}
         self.offsets = tuple(
-            offsets_ref[i] if offsets_ref is not None and i in used else 0 for i in range(4)
+            offsets_ref[i] if offsets_ref is not None and i in used and not mapped.get(i) else 0
+            for i in range(4)
         )
 
-    def apply(self, s, b, h, q_idx, kv_idx, masked: bool, grad_slots=None):
+    def q_shift(self, block):
+        """What to add to the local q indices of local q block `block` (a scalar)."""
+        if not self.q_mapped:
+            return self.offsets[2]
+        return self.offsets_ref[4 + block] - block * self.spec.q_block_size
+
+    def kv_shift(self, block):
+        """What to add to the local kv indices of local kv block `block` (a scalar)."""
+        if not self.kv_mapped:
+            return self.offsets[3]
+        first = 4 + (self.spec.R if self.spec.q_map_len else 0)
+        return self.offsets_ref[first + block] - block * self.spec.kv_block_size
+
+    def apply(
+        self, s, b, h, q_idx, kv_idx, masked: bool, grad_slots=None, q_shift=None, kv_shift=None
+    ):
         """Apply score_mod, mask_mod (if `masked`) and the kv bound to a raw score tile.
 
         b, h: local batch and query head (scalars or tiles); q_idx, kv_idx:
@@ -63,13 +90,23 @@ class TileMods:
         every element is kept). pullback is None unless grad_slots is given
         (the backward): then pullback(ds) -> (d raw score, [(slot, flat index,
         d gathered value)]), the score_mod's vector-Jacobian product, with
-        zeros where nothing is kept.
+        zeros where nothing is kept. q_shift, kv_shift: `q_shift(block)` of
+        the tile's q block and `kv_shift(block)` of its kv block (needed when
+        spec.q_map_len / kv_map_len; else the offsets are used).
         """
         spec, ops = self.spec, self.ops
         b0, h0, q0, kv0 = self.offsets
         b, h = _shifted(b, b0), _shifted(h, h0)
+        if (self.q_mapped and q_shift is None) or (self.kv_mapped and kv_shift is None):
+            raise ValueError("TileMods.apply: a mapped q or kv needs q_shift / kv_shift")
+        q0 = q_shift if self.q_mapped else q0
+        kv0 = kv_shift if self.kv_mapped else kv0
         q_in = _shifted(jnp.minimum(q_idx, spec.L - 1), q0)
+        if spec.q_map_len:
+            q_in = jnp.minimum(q_in, spec.q_map_len - 1)  # rows of padding blocks
         kv_in = _shifted(jnp.minimum(kv_idx, spec.S - 1), kv0)
+        if spec.kv_map_len:
+            kv_in = jnp.minimum(kv_in, spec.kv_map_len - 1)
         pullback = None
         if self.score is not None and grad_slots is not None:
             s, mod_pullback = eval_score_mod_vjp(
@@ -81,10 +118,13 @@ class TileMods:
         keep = None
         if masked and self.mask is not None:
             keep = eval_mod(self.mask, self.mask_refs, (b, h, q_in, kv_in), s.shape, ops)
-        if masked or spec.C * spec.kv_block_size != spec.S:
+        if masked or spec.C * spec.kv_block_size != spec.S or self.kv_bounded:
             # Columns past the key length exist in the last block (or in whole
             # blocks a BlockMask lists past it): their K/V read as 0, drop them.
-            in_range = jnp.broadcast_to(kv_idx < spec.S, s.shape)
+            in_range = kv_idx < spec.S
+            if self.kv_bounded:  # and past the global length, in a mapped kv
+                in_range = in_range & (kv_idx + kv0 < spec.kv_map_len)
+            in_range = jnp.broadcast_to(in_range, s.shape)
             keep = in_range if keep is None else keep & in_range
         if keep is not None:
             s = jnp.where(keep, s, MASKED_SCORE)

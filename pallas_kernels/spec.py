@@ -20,6 +20,11 @@ hands them to whichever backend runs the call (`pallas_kernels.dispatch`):
   decoding step at position p hands the mods the indices the user means.
   They are an ordinary (possibly traced) operand, not static: shard offsets
   come from `lax.axis_index` and decode positions change every step.
+  Context parallelism with a load-balancing order scatters a device's q
+  blocks over the sequence: then (`KernelSpec.q_map_len`) the operand is
+  int32[4 + R], the four offsets followed by the global first row of each
+  local q block (`q_block_offsets`); a ring step's K/V chunk adds the
+  global first row of each local kv block (`KernelSpec.kv_map_len`).
   The block tables stay local: row r of the tables is the kernel's local q
   block r, and their kv indices address the local K/V.
 """
@@ -42,6 +47,7 @@ __all__ = [
     "Mods",
     "TableView",
     "index_offsets",
+    "q_block_offsets",
 ]
 
 
@@ -70,7 +76,13 @@ class KernelSpec:
     kernels in Pallas' interpret mode (no GPU). global_offsets: the kernels
     take the index offsets operand and add the offsets the mods use; False
     means they are all zero (a whole, unsharded call), and the kernels are
-    built without them.
+    built without them. q_map_len: 0, or the global query length when the
+    local q blocks are scattered over the sequence (context parallelism with
+    a load-balancing order): the offsets operand then has R more entries,
+    the global first row of each local q block, and the mods' q indices are
+    clamped to q_map_len - 1 (rows of padding blocks). kv_map_len: the same
+    for the local kv blocks (a ring step's chunk of K/V): C more entries
+    after those, and columns past kv_map_len - 1 are dropped.
     """
 
     B: int
@@ -94,6 +106,8 @@ class KernelSpec:
     interpret: bool
     layout: Layout = Layout.BHSD
     global_offsets: bool = False
+    q_map_len: int = 0
+    kv_map_len: int = 0
 
     def __post_init__(self):
         for name in (
@@ -120,6 +134,10 @@ class KernelSpec:
             raise ValueError(
                 f"KernelSpec: tables of {self.R} x {self.C} blocks of "
                 f"{self.q_block_size} x {self.kv_block_size} do not cover L={self.L}, S={self.S}"
+            )
+        if (self.q_map_len or self.kv_map_len) and not self.global_offsets:
+            raise ValueError(
+                "KernelSpec: q_map_len / kv_map_len need global_offsets (maps in them)"
             )
         if not isinstance(self.layout, Layout):
             raise TypeError(f"KernelSpec.layout must be a Layout, got {self.layout!r}")
@@ -206,3 +224,13 @@ class Mods:
 def index_offsets(b=0, h=0, q=0, kv=0) -> jax.Array:
     """The int32[4] offsets operand (b0, h0, q0, kv0); each may be a Python int or a traced scalar."""
     return jnp.stack([jnp.asarray(x, jnp.int32).reshape(()) for x in (b, h, q, kv)])
+
+
+def q_block_offsets(offsets: jax.Array, *block_starts: jax.Array) -> jax.Array:
+    """The operand of a call whose local q (then kv) block j starts at global row block_starts[j].
+
+    offsets: int32[4] from `index_offsets`; block_starts: int32[R] for a
+    mapped q (spec.q_map_len), then int32[C] for a mapped kv (kv_map_len).
+    """
+    starts = [jnp.asarray(x, jnp.int32).reshape(-1) for x in block_starts]
+    return jnp.concatenate([offsets, *starts])

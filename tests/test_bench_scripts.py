@@ -69,3 +69,28 @@ def test_loop_timers_run_every_call_and_clear_gradients():
     ms = time_loop_torch(backward, reps=4, gpu=False, grads=(x,))
     assert ms > 0 and len(calls) == 1 + 3 * 4  # a warm-up, then three loops of 4
     assert time_loop_jax(lambda: jnp.ones(4) * 2, reps=3) > 0
+
+
+def test_mesh_benchmark_runs_both_parts_on_forced_devices(tmp_path):
+    out = tmp_path / "mesh"
+    flags = "--xla_force_host_platform_device_count=4"
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=flags)
+    cmd = [sys.executable, "bench/bench_mesh.py", "--masks", "docs16", "--out", str(out)]
+    cmd += ["--strategies", "all_gather,ring"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+    saved = json.loads((tmp_path / "mesh.json").read_text())
+    assert saved["meta"]["devices"] == 4 and flags in saved["meta"]["xla_flags"]
+    shard = {(r["n_gpus"], r["layout"], r["mode"][:9]) for r in saved["shard"]}
+    assert (4, "heads", "shard_map") in shard and (2, "batch", "jit + Nam") in shard
+    for r in saved["shard"]:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_collectives"] == "-", r  # no collective
+    cp_rows = {(r["n_gpus"], r["strategy"]): r for r in saved["cp"]}
+    assert set(cp_rows) == {
+        (1, "-"),
+        (2, "all_gather"),
+        (2, "ring"),
+        (4, "all_gather"),
+        (4, "ring"),
+    }
+    assert cp_rows[4, "all_gather"]["fwd_bwd_collectives"] == "all-gather x2, reduce-scatter x2"
+    assert "collective-permute" in cp_rows[4, "ring"]["fwd_collectives"]

@@ -114,12 +114,14 @@ def _dq_kernel(
     pre, to_base2 = score_units(spec.scale, programs[0] is not None)
     prec = _precision(q.dtype)
     kv = KvTiles(spec, k_ref, v_ref, cfg.block_n)
+    q_shift = mods.q_shift(row)
 
     def step(start_n, dq, masked):
         k, v = kv.load(start_n)
         kv_idx = start_n + ops.iota((1, cfg.block_n), 1)
         s = scaled(_dot(q, k.T, prec), pre)
-        s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, grad_slots)
+        kv_shift = mods.kv_shift(div_static(start_n, spec.kv_block_size))
+        s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, grad_slots, q_shift, kv_shift)
         p = ops.exp2_fma(s, to_base2, lse_base2[:, None])
         dp = _dot(do, v.T, prec)
         ds, grads = pullback(p * (dp - delta[:, None]))
@@ -175,6 +177,7 @@ def _dkdv_kernel(
     pre, to_base2 = score_units(spec.scale, programs[0] is not None)
     prec = _precision(k.dtype)
     q_limit = bound(spec.L, spec.R * spec.q_block_size)
+    kv_shift = mods.kv_shift(col)
 
     def at(g, rows, *cols, bounded):
         """Index of query head g of the group block, rows `rows` (the layout decides the order)."""
@@ -195,7 +198,8 @@ def _dkdv_kernel(
         delta = load(delta_ref, row_at, rows_mask)
         q_idx = start_m + ops.iota((1, cfg.block_m), 1)
         s = scaled(_dot(k, q.T, prec), pre)  # [BN, BM]
-        s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, grad_slots=())
+        q_shift = mods.q_shift(div_static(start_m, spec.q_block_size))
+        s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, (), q_shift, kv_shift)
         p = ops.exp2_fma(s, to_base2, lse_base2[None, :])
         dv = dv + _dot(p.astype(do.dtype), do, prec)
         dp = _dot(v, do.T, prec)

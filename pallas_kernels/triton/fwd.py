@@ -74,10 +74,13 @@ class KvTiles:
         )
 
 
-def tile_step(q, k, v, carry, start_n, q_idx, b, h, spec, mods: TileMods, block_n, masked):
+def tile_step(
+    q, k, v, carry, start_n, q_idx, b, h, spec, mods: TileMods, block_n, masked, q_shift=None
+):
     """One kv tile of the online softmax (also the decode kernel's). masked: apply mask_mod.
 
-    m_i is the running row max in score units (see `score_units`).
+    m_i is the running row max in score units (see `score_units`); q_shift:
+    `TileMods.q_shift` of the q block.
     """
     acc, m_i, l_i = carry
     pre, to_base2 = score_units(spec.scale, mods.score is not None)
@@ -85,7 +88,8 @@ def tile_step(q, k, v, carry, start_n, q_idx, b, h, spec, mods: TileMods, block_
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s = scaled(jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32), pre)
     kv_idx = start_n + mods.ops.iota((1, block_n), 1)
-    s, _, _ = mods.apply(s, b, h, q_idx, kv_idx, masked)
+    kv_shift = mods.kv_shift(div_static(start_n, spec.kv_block_size))
+    s, _, _ = mods.apply(s, b, h, q_idx, kv_idx, masked, q_shift=q_shift, kv_shift=kv_shift)
 
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
@@ -117,6 +121,7 @@ def _fwd_kernel(
     first = tile * cfg.block_m
     q_idx = first + tile_mods.ops.iota((cfg.block_m, 1), 0)
     row_limit = bound(spec.L, pl.cdiv(spec.L, cfg.block_m) * cfg.block_m)
+    q_shift = tile_mods.q_shift(row)
 
     whole_tile = (slice(None), slice(None))
     q = load(q_ref, whole_tile, tile_mask(first, cfg.block_m, row_limit, q_ref.shape[-1], spec.E))
@@ -131,7 +136,7 @@ def _fwd_kernel(
     def walk(num_ref, idx_ref, masked, carry):
         def body(start_n, carry):
             k, v = kv.load(start_n)
-            return tile_step(q, k, v, carry, start_n, q_idx, b, h, spec, tile_mods, cfg.block_n, masked)  # fmt: skip
+            return tile_step(q, k, v, carry, start_n, q_idx, b, h, spec, tile_mods, cfg.block_n, masked, q_shift)  # fmt: skip
 
         n_tiles = num_ref[bm, hm, row] * (spec.kv_block_size // cfg.block_n)
         lead = (bm, hm, row)
