@@ -11,6 +11,7 @@ dims are the launchers' business.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -19,7 +20,14 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
-from flexjax.input_checks import check_block_mask, check_qkv, check_scale, check_score_mod
+from flexjax.checks import find_bad_index
+from flexjax.input_checks import (
+    check_block_mask,
+    check_mod_indices,
+    check_qkv,
+    check_scale,
+    check_score_mod,
+)
 from flexjax.sharding import explicit_call, explicit_q_spec, local_block_mask, shard_layout
 from pallas_kernels import dispatch
 from pallas_kernels.mod_trace import indices_read
@@ -135,6 +143,7 @@ def flex_attention(
     |---|---|
     | BACKEND | "AUTO" (default: the first backend that can run the call), or a backend by name: "TRITON". A named backend that cannot run the call raises with its reason. |
     | decode | None (automatic), True, False: queries shorter than 128 rows within the BlockMask's first q block run the split-KV decode kernel when not differentiated. |
+    | check_indices | True: first evaluate the mods over every (b, h, q_idx, kv_idx) under `checkify` and raise `ModIndexError` at the first out-of-range index into a captured array (`flexjax.checks`; eager calls; costs a pass over the whole score matrix). Index arithmetic that can leave an array is refused without it (`pallas_kernels.index_ranges`). |
     | autotune | True: time the backend's space of forward and backward configs for this call on first use and keep the fastest (cached on disk, `pallas_kernels.autotune`). |
     | interpret | run the kernels in Pallas interpret mode (default: when there is no GPU). |
     | block_m, block_n, num_warps, num_stages | TRITON forward: compute tiles (powers of 2 dividing the BlockMask's block size) and launch parameters. |
@@ -150,14 +159,85 @@ def flex_attention(
     (`jax.set_mesh`) q's sharding is read from its type and the call runs on
     its shards by itself, keeping q's sharding for the outputs.
     """
-    score = check_score_mod(score_mod)  # traced once, here, whatever follows
-    options = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options)
+    program, consts = check_score_mod(score_mod)  # traced once, here, whatever follows
+    check_qkv(query, key, value, enable_gqa)  # the checks that need concrete arrays
+    check_scale(scale, query.shape[-1])
+    sizes = _global_sizes(query, key, q_sharding)
+    check_mod_indices(program, block_mask, *sizes)
+    kernel_options = _checked_by_evaluation(
+        kernel_options, program, consts, block_mask, sizes, isinstance(query, jax.core.Tracer)
+    )
     explicit = explicit_q_spec(query) if q_sharding is None else None
-    if explicit is not None:
-        out, lse = explicit_call(_attend, query, key, value, score, block_mask, explicit, **options)
-    else:
-        out, lse = _attend(query, key, value, score, block_mask, q_sharding=q_sharding, **options)
+    static = dict(
+        program=program, scale=scale, enable_gqa=enable_gqa,
+        kernel_options=_frozen(kernel_options), q_sharding=q_sharding, explicit=explicit,
+        backends=tuple(dispatch.backends().items()),  # a new registry is a new call
+    )  # fmt: skip
+    out, lse = _call(query, key, value, tuple(consts), block_mask, **static)
     return (out, lse) if return_lse else out
+
+
+def _global_sizes(query, key, q_sharding) -> tuple[int, int, int, int]:
+    """(B, Hq, L, S) of the whole call: a shard's sizes times its shard counts."""
+    B, Hq, L = query.shape[:3]
+    if q_sharding is not None:
+        layout = shard_layout(q_sharding)
+        B, Hq = B * layout.count(layout.batch_axes), Hq * layout.count(layout.head_axes)
+    return B, Hq, L, key.shape[2]
+
+
+def _checked_by_evaluation(kernel_options, program, consts, block_mask, sizes, traced):
+    """kernel_options without "check_indices", after running that check if it is True."""
+    if not isinstance(kernel_options, dict) or "check_indices" not in kernel_options:
+        return kernel_options
+    kernel_options = dict(kernel_options)
+    check = kernel_options.pop("check_indices")
+    if not isinstance(check, bool):
+        raise ValueError(f"kernel_options['check_indices'] must be True or False, got {check!r}")
+    if check:
+        find_bad_index(program, consts, *sizes, traced=traced)
+        if isinstance(block_mask, BlockMask):
+            find_bad_index(block_mask.mask_program, block_mask.mask_consts, *sizes, traced=traced)
+    return kernel_options
+
+
+def _frozen(kernel_options):
+    """kernel_options as a hashable static argument (sorted pairs), checked as a dict first."""
+    if kernel_options is None:
+        return None
+    if not isinstance(kernel_options, dict):
+        raise TypeError(
+            f"kernel_options must be a dict or None, got {type(kernel_options).__name__}"
+        )
+    dispatch.KernelOptions.parse(kernel_options)  # its errors, before anything is traced
+    return tuple(sorted(kernel_options.items()))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "program", "scale", "enable_gqa", "kernel_options", "q_sharding", "explicit", "backends",
+    ),
+)  # fmt: skip
+def _call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, kernel_options,
+          q_sharding, explicit, backends):  # fmt: skip
+    """flex_attention's work as one jitted function of arrays (static: the rest).
+
+    Called eagerly, a call after the first with the same structure (shapes,
+    dtypes, mods' programs, BlockMask structure, options) costs one cached
+    executable's dispatch: the mods' new captured values and a new BlockMask's
+    tables are arguments. Inside a user's jit it is inlined. backends: the
+    registry's contents, only as part of the cache key.
+    """
+    del backends
+    score = (program, consts)
+    options = dict(
+        scale=scale, enable_gqa=enable_gqa,
+        kernel_options=None if kernel_options is None else dict(kernel_options),
+    )  # fmt: skip
+    if explicit is not None:
+        return explicit_call(_attend, query, key, value, score, block_mask, explicit, **options)
+    return _attend(query, key, value, score, block_mask, q_sharding=q_sharding, **options)
 
 
 def _attend(query, key, value, score, block_mask, *, scale, enable_gqa, kernel_options,

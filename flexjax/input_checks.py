@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from flexjax.block_mask import BlockMask
 from flexjax.mod_utils import ModKind, traced_mod
+from pallas_kernels.index_ranges import check_index_ranges
 
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -147,3 +148,13 @@ def check_block_mask(block_mask, shape: AttentionShape) -> None:
             f"block_mask tables ({R} x {C} blocks of {q_bs} x {kv_bs}) do not cover "
             f"L={shape.L}, S={shape.S}"
         )
+
+
+def check_mod_indices(score_program, block_mask, B: int, H: int, L: int, S: int) -> None:
+    """Refuse mods that can index a captured array out of its range (`pallas_kernels.index_ranges`).
+
+    B, H, L, S: the whole call's sizes (the ranges of b, h, q_idx, kv_idx).
+    """
+    check_index_ranges(score_program, B, H, L, S)
+    if isinstance(block_mask, BlockMask):
+        check_index_ranges(block_mask.mask_program, B, H, L, S)

@@ -33,6 +33,7 @@ from flexjax.mod_utils import (
     traced_mod,
     vmap_bhqkv,
 )
+from pallas_kernels.index_ranges import check_index_ranges
 from pallas_kernels.mod_trace import ModProgram
 
 __all__ = ["create_block_mask", "create_mask"]
@@ -117,6 +118,20 @@ def _block_counts(
     return counts.reshape(B, H, R, C)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _block_tables(program: ModProgram, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, consts: tuple) -> list:
+    """The eight BlockMask tables, in one compiled call (an eager call is one dispatch)."""
+    counts = _block_counts(program, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, consts)
+    full = counts == q_bs * kv_bs
+    partial = (counts > 0) & ~full
+    return [
+        *dense_to_ordered(partial),
+        *dense_to_ordered(full),
+        *dense_to_ordered(jnp.swapaxes(partial, -1, -2)),
+        *dense_to_ordered(jnp.swapaxes(full, -1, -2)),
+    ]
+
+
 def create_block_mask(
     mask_mod: Callable,
     B: int | None,
@@ -143,24 +158,9 @@ def create_block_mask(
     KV_LEN = _check_dim(KV_LEN, "KV_LEN", False)
     q_bs, kv_bs = parse_block_size(BLOCK_SIZE)
     del _compile
+    check_index_ranges(program, B, H, Q_LEN, KV_LEN)
 
-    counts = _block_counts(program, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, tuple(consts))
-    full = counts == q_bs * kv_bs
-    partial = (counts > 0) & ~full
-    kv_num_blocks, kv_indices = dense_to_ordered(partial)
-    full_kv_num_blocks, full_kv_indices = dense_to_ordered(full)
-    q_num_blocks, q_indices = dense_to_ordered(jnp.swapaxes(partial, -1, -2))
-    full_q_num_blocks, full_q_indices = dense_to_ordered(jnp.swapaxes(full, -1, -2))
-    tables = [
-        kv_num_blocks,
-        kv_indices,
-        full_kv_num_blocks,
-        full_kv_indices,
-        q_num_blocks,
-        q_indices,
-        full_q_num_blocks,
-        full_q_indices,
-    ]
+    tables = _block_tables(program, B, H, Q_LEN, KV_LEN, q_bs, kv_bs, tuple(consts))
     tables = [_place(t, device) for t in tables]
     if mask_mod is noop_mask:
         program, consts = None, ()  # nothing to evaluate in the kernels

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec
 
 from flexjax.api import _manual_axes, _prepare
 from flexjax.block_mask import BlockMask, dense_to_ordered, ordered_to_dense, transpose_ordered
-from flexjax.input_checks import check_score_mod
+from flexjax.input_checks import check_mod_indices, check_score_mod
 from flexjax.sharding import local_block_mask
 from pallas_kernels import dispatch
 from pallas_kernels.partition import ShardLayout, local_tables
@@ -274,6 +274,8 @@ def context_parallel_attention(
     if block_mask is None:
         block_mask = _full_block_mask(order)
     _check_block_mask(block_mask, order)
+    B, Hq = _whole_batch_and_heads(query, q_spec, axis in _manual_axes())
+    check_mod_indices(score[0], block_mask, B, Hq, order.seq_len, order.seq_len)
     options = dict(scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options)
     manual = _manual_axes()
     if axis in manual:
@@ -495,6 +497,17 @@ def _full_block_mask(order: SequenceOrder) -> BlockMask:
         jnp.full((1, 1, R), R, jnp.int32), full_idx,
         BLOCK_SIZE=order.block_size, seq_lengths=(order.seq_len, order.seq_len),
     )  # fmt: skip
+
+
+def _whole_batch_and_heads(query, q_spec, local: bool) -> tuple[int, int]:
+    """q's whole batch and head counts (a local q's times its shard counts)."""
+    B, Hq = query.shape[:2]
+    if not local:
+        return B, Hq
+    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
+    sizes = dict(jax.sharding.get_abstract_mesh().shape)
+    layout = ShardLayout.from_spec(PartitionSpec(*entries[:2]), sizes)
+    return B * layout.count(layout.batch_axes), Hq * layout.count(layout.head_axes)
 
 
 def _check_q_spec(q_spec, axis):

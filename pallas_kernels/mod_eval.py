@@ -37,9 +37,27 @@ from jax.extend import core as jex_core
 
 from pallas_kernels.approx_math import tanh_approx_p
 from pallas_kernels.mod_trace import ModProgram, ModTraceError
+from pallas_kernels.object_arrays import as_obj, shape_op
 from pallas_kernels.tile_ops import TileOps
 
-__all__ = ["NO_LOADS", "ModLoads", "eval_mod", "eval_score_mod_vjp", "mod_loads"]
+__all__ = [
+    "NO_LOADS",
+    "ModLoads",
+    "eval_mod",
+    "eval_score_mod_vjp",
+    "kernel_dtype",
+    "mod_loads",
+]
+
+# Captured arrays of these dtypes reach kernels widened to int32: gathers of
+# 1- and 2-byte integers (bool above all) take a slow path in Triton.
+_WIDENED = {jnp.dtype(d) for d in (jnp.bool_, jnp.int8, jnp.uint8, jnp.int16, jnp.uint16)}
+
+
+def kernel_dtype(dtype) -> jnp.dtype:
+    """The dtype a captured array of `dtype` has inside a kernel (the evaluator casts back)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.int32) if dtype in _WIDENED else dtype
 
 
 # --------------------------------------------------------------------------
@@ -58,20 +76,15 @@ _ELEMENTWISE = {
 
 @dataclasses.dataclass(frozen=True)
 class _Hoisted:
-    """A hoisted captured array: its flat ref, its original shape and its input slot."""
+    """A hoisted captured array: its flat ref, original shape and dtype, and its input slot."""
 
     ref: object
     shape: tuple[int, ...]
     slot: int
+    dtype: jnp.dtype
 
 
-def _as_obj(x) -> np.ndarray:
-    """A value as a numpy object array of tiles (shape = the jaxpr value's shape)."""
-    if isinstance(x, np.ndarray) and x.dtype == object:
-        return x
-    out = np.empty((), dtype=object)
-    out[()] = x
-    return out
+_as_obj = as_obj  # a value as a numpy object array of tiles
 
 
 def _broadcast_tiles(vals):
@@ -139,6 +152,8 @@ class _Evaluator:
         if self.replay is not None:
             return next(self.replay)
         value = self.ops.gather(hoisted.ref, flat)
+        if value.dtype != hoisted.dtype:  # widened for the kernel (`kernel_dtype`)
+            value = value != 0 if hoisted.dtype == jnp.bool_ else value.astype(hoisted.dtype)
         if self.record is not None:
             self.record.append((hoisted.slot, flat, value))
         return value
@@ -152,33 +167,8 @@ class _Evaluator:
         if any(isinstance(v, _Hoisted) for v in invals):
             self.fail(f"using a captured array whole in `{name}`")
         objs = [_as_obj(v) for v in invals]
-        if name == "broadcast_in_dim":
-            x, shape = objs[0], p["shape"]
-            src_shape = [1] * len(shape)
-            for i, d in enumerate(p["broadcast_dimensions"]):
-                src_shape[d] = x.shape[i]
-            return np.broadcast_to(x.reshape(src_shape), shape).copy()
-        if name in ("reshape",):
-            return objs[0].reshape(p["new_sizes"])
-        if name == "squeeze":
-            return np.squeeze(objs[0], axis=tuple(p["dimensions"]))
-        if name == "expand_dims":
-            return np.expand_dims(objs[0], p["dimensions"])
-        if name == "concatenate":
-            return np.concatenate([o if o.ndim else o.reshape(1) for o in objs], p["dimension"])
-        if name == "slice":
-            strides = p["strides"] or (1,) * objs[0].ndim
-            sl = tuple(
-                slice(s, e, st)
-                for s, e, st in zip(p["start_indices"], p["limit_indices"], strides, strict=True)
-            )
-            return objs[0][sl]
-        if name == "transpose":
-            return np.transpose(objs[0], p["permutation"])
-        if name == "iota":
-            out = np.empty(p["shape"], dtype=object)
-            for pos in np.ndindex(*p["shape"]):
-                out[pos] = jnp.asarray(pos[p["dimension"]], p["dtype"])
+        out = shape_op(name, objs, p, lambda value, dtype: jnp.asarray(value, dtype))
+        if out is not None:
             return out
         self.fail(f"the operation `{name}` on non-scalar values")
 
@@ -237,7 +227,8 @@ class _Evaluator:
             return env[v]
 
         for var, val in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = val
+            # A captured 0-d array is one scalar load (it is an input, not a literal).
+            env[var] = self.load(val, []) if isinstance(val, _Hoisted) and not val.shape else val
         for var, val in zip(jaxpr.invars, args, strict=True):
             env[var] = val
         for eqn in jaxpr.eqns:
@@ -326,9 +317,10 @@ def eval_score_mod_vjp(
 
 
 def _consts(program: ModProgram, hoisted_refs: Sequence) -> list:
+    shapes = zip(hoisted_refs, program.const_shapes, program.const_dtypes, strict=True)
     hoisted = [
-        _Hoisted(ref, shape, slot)
-        for slot, (ref, shape) in enumerate(zip(hoisted_refs, program.const_shapes, strict=True))
+        _Hoisted(ref, shape, slot, jnp.dtype(dtype))
+        for slot, (ref, shape, dtype) in enumerate(shapes)
     ]
     return program.const_values(hoisted)
 
@@ -384,7 +376,7 @@ def mod_loads(program: ModProgram | None) -> ModLoads:
     if program is None:
         return NO_LOADS
     sink: list = []
-    refs = [_ShapeRef(dtype, sink) for dtype in program.const_dtypes]
+    refs = [_ShapeRef(kernel_dtype(dtype), sink) for dtype in program.const_dtypes]
     i32 = jnp.int32
     args = (i32(0), i32(0), jnp.zeros((2, 1), i32), jnp.zeros((1, 3), i32))
     if program.is_score_mod:

@@ -3,8 +3,10 @@
 Pallas refuses kernels that close over arrays, and a mod usually does
 (`document_id[q_idx]`, `alibi[h]`, `intervals[image_idx][0]`). `trace_mod`
 traces the mod once on *scalar* int32 indices (its PyTorch semantics) into a
-jaxpr. Every captured non-scalar array becomes a const of that jaxpr and is
-*hoisted*: kept aside as data. Captured scalars are baked in as literals. The
+jaxpr. Every captured JAX array -- of any rank, 0-d included (a `temperature`
+that changes each step) -- and every captured numpy array of rank >= 1 is
+*hoisted*: kept aside as data. Python and numpy scalars are constants the
+user wrote down and are baked in as literals. The
 jaxpr without its hoisted consts is a `ModProgram`, hashed by its printed
 jaxpr and the consts' shapes and dtypes, so
 
@@ -102,8 +104,8 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
     closed = jax.make_jaxpr(fn)(*args)
     hoisted, slots = [], []
     for val in closed.consts:
-        if np.ndim(val) == 0 and not isinstance(val, jax.core.Tracer):
-            slots.append(("literal", np.asarray(val)))  # captured scalars are baked in
+        if np.ndim(val) == 0 and not isinstance(val, jax.Array):
+            slots.append(("literal", np.asarray(val)))  # Python / numpy scalars are baked in
         else:
             slots.append(("hoisted", len(hoisted)))
             hoisted.append(jnp.asarray(val))

@@ -22,8 +22,10 @@ from pallas_kernels import autotune
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXJAX_CACHE_DIR", str(tmp_path))
     autotune.clear_memory_cache()
+    jax.clear_caches()  # a new process has no compiled calls either
     yield tmp_path
     autotune.clear_memory_cache()
+    jax.clear_caches()  # a new process has no compiled calls either
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -53,6 +55,7 @@ def test_autotune_times_the_space_once_then_reads_the_file(cache_dir):
     # Same call again: memory; a new process (memory cleared): the file. No timing either way.
     tuned_call(q, k, v, bm)
     autotune.clear_memory_cache()
+    jax.clear_caches()  # a new process has no compiled calls either
     grads = jax.grad(lambda q: jnp.sum(tuned_call(q, k, v, bm)))(q)
     assert autotune.stats["timed"] - before["timed"] == 4
     assert autotune.stats["from_file"] - before["from_file"] == 2

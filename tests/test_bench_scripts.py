@@ -94,3 +94,18 @@ def test_mesh_benchmark_runs_both_parts_on_forced_devices(tmp_path):
     }
     assert cp_rows[4, "all_gather"]["fwd_bwd_collectives"] == "all-gather x2, reduce-scatter x2"
     assert "collective-permute" in cp_rows[4, "ring"]["fwd_collectives"]
+
+
+def test_traps_benchmark_runs_every_part(tmp_path):
+    out = tmp_path / "traps"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "bench/bench_traps.py", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=900)
+    saved = json.loads((tmp_path / "traps.json").read_text())
+    assert {(r["impl"], r["S"]) for r in saved["block_mask"]} == {("flexjax", 256), ("torch", 256)}
+    assert all(r["ms"] > 0 for r in saved["block_mask"])
+    (over,) = saved["overhead"]
+    assert over["kernel_ms"] > 0 and over["eager_ms"] > 0 and over["bridge_ms"] > 0
+    assert {(r["mask"], r["dtype"]) for r in saved["bool"]} == {
+        (m, d) for m in ("longformer", "key_padding") for d in ("bool", "int32")
+    }

@@ -461,7 +461,7 @@ def test_unsupported_operations_raise_mod_trace_error(name):
 
 
 # --------------------------------------------------------------------------
-# 5. Captured scalars are literals; captured arrays are hoisted at their shapes.
+# 5. Python / numpy scalars are literals; captured JAX arrays (0-d too) are hoisted.
 # --------------------------------------------------------------------------
 
 
@@ -472,7 +472,7 @@ def scalar_capturing(py_float, np_scalar, np_0d, jax_0d):
     return scaled
 
 
-def test_captured_scalars_are_baked_in():
+def test_python_scalars_are_baked_in_and_jax_scalars_are_inputs():
     rng = np.random.default_rng(5)
     values = [
         float(rng.uniform(0.5, 2.0)),
@@ -482,8 +482,9 @@ def test_captured_scalars_are_baked_in():
     ]
     fn = scalar_capturing(*values)
     program, consts = trace_mod(fn, True)
-    assert consts == [] and program.const_shapes == ()
-    assert all(kind == "literal" for kind, _ in program.const_slots)
+    assert program.const_shapes == ((),) and len(consts) == 1  # the jax 0-d array
+    np.testing.assert_array_equal(consts[0], values[3])
+    assert sorted(kind for kind, _ in program.const_slots).count("hoisted") == 1
     q, kv = tile_at(64, 16, 21), tile_at(64, 24, 9)
     score = random_scores(rng, (len(q), len(kv)))
     for layout in ("rows", "transposed"):
@@ -491,17 +492,19 @@ def test_captured_scalars_are_baked_in():
         np.testing.assert_allclose(out, reference(fn, True, 1, 1, q, kv, score), rtol=1e-6)
     full_score = random_scores(rng, (2, 4, 64, 64))
     np.testing.assert_allclose(
-        full_reference(program.bind([]), True, full_score),
+        full_reference(program.bind(consts), True, full_score),
         full_reference(fn, True, full_score),
         rtol=1e-6,
     )
-    # Baked in: each captured scalar's value is part of the program.
+    # Python and numpy scalars are part of the program; the JAX scalar is not.
     for i in range(len(values)):
         changed = list(values)
         changed[i] = changed[i] * 3
         other, other_consts = trace_mod(scalar_capturing(*changed), True)
-        assert other_consts == []
-        assert other != program, f"captured scalar {i} is not part of the program"
+        if i == 3:
+            assert other == program and float(other_consts[0]) == float(values[3] * 3)
+        else:
+            assert other != program, f"captured scalar {i} is not part of the program"
 
 
 HOISTED = {

@@ -87,7 +87,7 @@ def test_a_block_mask_from_a_new_closure_does_not_retrace_the_users_jit():
         traces.append(1)  # runs only while tracing
         return fj.flex_attention(q, k, v, block_mask=block_mask)
 
-    builds = mask_builders._block_counts._cache_size()
+    builds = mask_builders._block_tables._cache_size()
     for seed in range(3):
         lengths = np.random.default_rng(seed).multinomial(L - 3, [1 / 3] * 3) + 1
         doc_ids = masks.document_id_from_lengths([int(n) for n in lengths])
@@ -96,5 +96,5 @@ def test_a_block_mask_from_a_new_closure_does_not_retrace_the_users_jit():
         want = flex_attention_reference(q, k, v, block_mask=bm)
         np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
     assert len(traces) == 1
-    assert mask_builders._block_counts._cache_size() <= builds + 1  # one builder for the three
+    assert mask_builders._block_tables._cache_size() <= builds + 1  # one builder for the three
     assert len(jax.tree.leaves(bm)) == 8 + 1  # the tables and the captured document ids

@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.mod_eval import kernel_dtype
 from pallas_kernels.spec import KernelSpec, Layout, Mods
 
 __all__ = [
@@ -97,9 +98,12 @@ def mod_inputs(mods: Mods, offsets) -> list:
 
     offsets: the int32[4] operand, or None when they are all zero (statically:
     `KernelSpec.global_offsets` is False and the kernels neither read nor add
-    them). The captured arrays are score_mod's then mask_mod's, flattened to 1-D.
+    them). The captured arrays are score_mod's then mask_mod's, flattened to 1-D
+    (0-d ones too) and widened where narrow integers are slow (`kernel_dtype`).
     """
-    consts = [c.reshape(-1) for c in (*mods.score_consts, *mods.mask_consts)]
+    consts = [
+        c.reshape(-1).astype(kernel_dtype(c.dtype)) for c in (*mods.score_consts, *mods.mask_consts)
+    ]
     return ([] if offsets is None else [offsets]) + consts
 
 
