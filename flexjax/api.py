@@ -31,7 +31,7 @@ from flexjax.input_checks import (
 from flexjax.sharding import explicit_call, explicit_q_spec, local_block_mask, shard_layout
 from pallas_kernels import dispatch
 from pallas_kernels.mod_trace import indices_read
-from pallas_kernels.spec import BlockTables, KernelSpec, Mods
+from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods
 from pallas_kernels.vma import varying_axes
 
 __all__ = ["Prepared", "flex_attention", "prepare"]
@@ -76,9 +76,13 @@ def prepare(
     return _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options)
 
 
-def _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options) -> Prepared:
-    """`prepare` with the score_mod already traced: score = (program, captured arrays)."""
-    shape = check_qkv(query, key, value, enable_gqa)
+def _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options,
+             layout=Layout.BHSD) -> Prepared:  # fmt: skip
+    """`prepare` with the score_mod already traced: score = (program, captured arrays).
+
+    layout: how q, k, v are laid out (the sizes are read accordingly).
+    """
+    shape = check_qkv(*(as_bhsd(x, layout) for x in (query, key, value)), enable_gqa)
     scale = check_scale(scale, shape.E)
     score_program, score_consts = score
     check_block_mask(block_mask, shape)
@@ -103,7 +107,7 @@ def _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_opt
         scale=scale, dtype=jnp.dtype(query.dtype).name,
         has_partial=has_partial,
         has_full=block_mask is None or block_mask.full_kv_num_blocks is not None,
-        interpret=options.interpret,
+        interpret=options.interpret, layout=layout,
     )  # fmt: skip
     mods = Mods(score_program, mask_program, tuple(score_consts), tuple(mask_consts))
     return Prepared(spec, tables, mods, options)
@@ -159,30 +163,54 @@ def flex_attention(
     (`jax.set_mesh`) q's sharding is read from its type and the call runs on
     its shards by itself, keeping q's sharding for the outputs.
     """
+    return _checked_call(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+        q_sharding, Layout.BHSD,
+    )  # fmt: skip
+
+
+def _checked_call(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                  kernel_options, q_sharding, layout):  # fmt: skip
+    """The checks that need the caller's arrays, then the cached jitted call (`_call`)."""
     program, consts = check_score_mod(score_mod)  # traced once, here, whatever follows
-    check_qkv(query, key, value, enable_gqa)  # the checks that need concrete arrays
+    views = [as_bhsd(x, layout) for x in (query, key, value)]
+    check_qkv(*views, enable_gqa)  # the checks that need concrete arrays
     check_scale(scale, query.shape[-1])
-    sizes = _global_sizes(query, key, q_sharding)
+    sizes = _global_sizes(views[0], views[1], q_sharding)
     check_mod_indices(program, block_mask, *sizes)
     kernel_options = _checked_by_evaluation(
         kernel_options, program, consts, block_mask, sizes, isinstance(query, jax.core.Tracer)
     )
     explicit = explicit_q_spec(query) if q_sharding is None else None
+    if layout is not Layout.BHSD and (explicit is not None or q_sharding is not None):
+        raise NotImplementedError(
+            f"the {layout.value} entry point runs on Auto mesh axes (jit + NamedSharding) but "
+            "not inside a shard_map or on Explicit axes yet: use flex_attention with "
+            "[B, H, L, D] arrays there"
+        )
     static = dict(
         program=program, scale=scale, enable_gqa=enable_gqa,
         kernel_options=_frozen(kernel_options), q_sharding=q_sharding, explicit=explicit,
-        backends=tuple(dispatch.backends().items()),  # a new registry is a new call
+        layout=layout, backends=tuple(dispatch.backends().items()),  # new registry, new call
     )  # fmt: skip
     out, lse = _call(query, key, value, tuple(consts), block_mask, **static)
     return (out, lse) if return_lse else out
+
+
+def as_bhsd(x, layout: Layout):
+    """x itself for BHSD; for another layout, the shape and dtype x would have in BHSD (no data)."""
+    if layout is Layout.BHSD or getattr(x, "ndim", 0) != 4:
+        return x
+    B, T, N, D = x.shape
+    return jax.ShapeDtypeStruct((B, N, T, D), x.dtype)
 
 
 def _global_sizes(query, key, q_sharding) -> tuple[int, int, int, int]:
     """(B, Hq, L, S) of the whole call: a shard's sizes times its shard counts."""
     B, Hq, L = query.shape[:3]
     if q_sharding is not None:
-        layout = shard_layout(q_sharding)
-        B, Hq = B * layout.count(layout.batch_axes), Hq * layout.count(layout.head_axes)
+        shards = shard_layout(q_sharding)
+        B, Hq = B * shards.count(shards.batch_axes), Hq * shards.count(shards.head_axes)
     return B, Hq, L, key.shape[2]
 
 
@@ -216,11 +244,12 @@ def _frozen(kernel_options):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "program", "scale", "enable_gqa", "kernel_options", "q_sharding", "explicit", "backends",
+        "program", "scale", "enable_gqa", "kernel_options", "q_sharding", "explicit", "layout",
+        "backends",
     ),
 )  # fmt: skip
 def _call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, kernel_options,
-          q_sharding, explicit, backends):  # fmt: skip
+          q_sharding, explicit, layout, backends):  # fmt: skip
     """flex_attention's work as one jitted function of arrays (static: the rest).
 
     Called eagerly, a call after the first with the same structure (shapes,
@@ -237,19 +266,21 @@ def _call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, 
     )  # fmt: skip
     if explicit is not None:
         return explicit_call(_attend, query, key, value, score, block_mask, explicit, **options)
-    return _attend(query, key, value, score, block_mask, q_sharding=q_sharding, **options)
+    return _attend(
+        query, key, value, score, block_mask, q_sharding=q_sharding, layout=layout, **options
+    )
 
 
 def _attend(query, key, value, score, block_mask, *, scale, enable_gqa, kernel_options,
-            q_sharding=None):  # fmt: skip
+            q_sharding=None, layout=Layout.BHSD):  # fmt: skip
     """(out, lse) of a call on this device's arrays; q_sharding: see flex_attention."""
     offsets = None
     if q_sharding is not None:
-        layout = shard_layout(q_sharding)
+        shards = shard_layout(q_sharding)
         B, Hq = query.shape[:2]
-        block_mask = local_block_mask(block_mask, layout, B, Hq)
-        offsets = layout.offsets(B, Hq)
-    call = _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options)
+        block_mask = local_block_mask(block_mask, shards, B, Hq)
+        offsets = shards.offsets(B, Hq)
+    call = _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options, layout)
     if offsets is None:
         _refuse_local_indices(query, call.mods)
     return dispatch.attention(

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 
 from pallas_kernels.runtime import has_gpu
-from pallas_kernels.spec import BlockTables, KernelSpec, Mods, TableView
+from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods, TableView
 from pallas_kernels.vma import cast_varying, varying_axes
 
 __all__ = [
@@ -264,7 +264,7 @@ def uses_decode(spec: KernelSpec, want: bool | None) -> bool:
     want: kernel_options["decode"] (None automatic, False never, True required).
     """
     fits = spec.L < DECODE_MAX_Q_LEN and spec.L <= spec.q_block_size and not spec.q_map_len
-    fits = fits and not spec.kv_map_len
+    fits = fits and not spec.kv_map_len and spec.layout is Layout.BHSD
     if want and not fits:
         raise ValueError(
             "kernel_options['decode']=True needs a query shorter than "

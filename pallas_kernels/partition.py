@@ -38,7 +38,7 @@ from jax.experimental.custom_partitioning import (
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pallas_kernels.spec import KernelSpec, Mods, index_offsets
+from pallas_kernels.spec import KernelSpec, Layout, Mods, index_offsets
 
 __all__ = ["ShardLayout", "local_tables", "partitioned_stages", "use_auto_partitioning"]
 
@@ -127,16 +127,24 @@ def use_auto_partitioning() -> bool:
     return not any(t == manual for t in mesh.axis_types)
 
 
+def _batch_heads(x, layout: Layout) -> tuple[int, int]:
+    """(batch, heads) of a 4-d array in `layout`."""
+    shape = x.shape
+    return (shape[0], shape[1]) if layout is Layout.BHSD else (shape[0], shape[2])
+
+
 def _local_spec(spec: KernelSpec, q, k) -> KernelSpec:
-    B, Hq = q.shape[:2]
-    Bkv, Hkv = k.shape[:2]
+    B, Hq = _batch_heads(q, spec.layout)
+    Bkv, Hkv = _batch_heads(k, spec.layout)
     return dataclasses.replace(spec, B=B, Hq=Hq, Bkv=Bkv, Hkv=Hkv, global_offsets=True)
 
 
-def _layout_of(arg_sharding, mesh, ndim: int) -> ShardLayout:
-    """The layout of q's last four dims (a vmap may have added leading ones)."""
+def _layout_of(arg_sharding, mesh, ndim: int, layout: Layout) -> ShardLayout:
+    """How q's last four dims (a vmap may have added leading ones) are split, read in BHSD order."""
     spec = tuple(arg_sharding.spec) + (None,) * (ndim - len(arg_sharding.spec))
-    return ShardLayout.from_spec(PartitionSpec(*spec[ndim - 4 :]), dict(mesh.shape))
+    b, x1, x2, d = spec[ndim - 4 :]
+    heads, seq = (x1, x2) if layout is Layout.BHSD else (x2, x1)
+    return ShardLayout.from_spec(PartitionSpec(b, heads, seq, d), dict(mesh.shape))
 
 
 def _over_leading(fn, lead: int):
@@ -184,13 +192,14 @@ def _rule(spec: KernelSpec, bwd: bool):
     """
     G, mqa = spec.group_size, spec.Hkv == 1 and spec.group_size > 1
     heads = "g" if mqa else CompoundFactor("hk", "g") if G > 1 else "hk"
-    # BATCHING ("...") stands for the leading dims a vmap adds (none without one).
-    q_map = ArrayMapping(BATCHING, "b", heads, "l", "d")
-    out_map = ArrayMapping(BATCHING, "b", heads, "l", "e")
-    row_map = ArrayMapping(BATCHING, "b", heads, "l")
+
+    def array(b, h, seq, dim):  # BATCHING ("...") stands for the leading dims a vmap adds
+        return ArrayMapping(BATCHING, *spec.layout.shape(b, h, seq, dim))
+
+    q_map, out_map = array("b", heads, "l", "d"), array("b", heads, "l", "e")
+    row_map = ArrayMapping(BATCHING, *spec.layout.shape("b", heads, "l", None)[:3])
     kv_b = "b" if spec.Bkv == spec.B else "bk"  # k/v broadcast over the batch: never split
-    k_map = ArrayMapping(BATCHING, kv_b, "hk", "s", "d")
-    v_map = ArrayMapping(BATCHING, kv_b, "hk", "s", "e")
+    k_map, v_map = array(kv_b, "hk", "s", "d"), array(kv_b, "hk", "s", "e")
     fixed = [q_map, k_map, v_map] + ([out_map, row_map, row_map] if bwd else [])
 
     def rule(mesh, value_types, result_types):
@@ -251,13 +260,13 @@ def partitioned_stages(backend, spec: KernelSpec, programs: tuple, cfgs, options
         def partition(mesh, arg_shapes, result_shape):
             shardings = jax.tree.map(lambda a: a.sharding, arg_shapes)
             ndim = len(arg_shapes[0].shape)
-            layout = _layout_of(shardings[0], mesh, ndim)
+            layout = _layout_of(shardings[0], mesh, ndim, spec.layout)
 
             def shard(q, k, v, tables, score_consts, mask_consts):
                 local = _local_spec(spec, q, k)
                 mods = mods_of(score_consts, mask_consts)
-                t = local_tables(tables, layout, *q.shape[:2])
-                off = layout.offsets(*q.shape[:2])
+                t = local_tables(tables, layout, local.B, local.Hq)
+                off = layout.offsets(local.B, local.Hq)
                 if decode:
                     cfg = backend.configs(local, mods, dict(options), True).decode
                     return backend.decode(q, k, v, t.rows, mods, off, spec=local, cfg=cfg)
@@ -283,13 +292,13 @@ def partitioned_stages(backend, spec: KernelSpec, programs: tuple, cfgs, options
         def partition(mesh, arg_shapes, result_shape):
             shardings = jax.tree.map(lambda a: a.sharding, arg_shapes)
             ndim = len(arg_shapes[0].shape)
-            layout = _layout_of(shardings[0], mesh, ndim)
+            layout = _layout_of(shardings[0], mesh, ndim, spec.layout)
 
             def shard(q, k, v, do, lse, delta, tables, score_consts, mask_consts):
                 local = _local_spec(spec, q, k)
                 mods = mods_of(score_consts, mask_consts)
-                t = local_tables(tables, layout, *q.shape[:2])
-                off = layout.offsets(*q.shape[:2])
+                t = local_tables(tables, layout, local.B, local.Hq)
+                off = layout.offsets(local.B, local.Hq)
                 dq, dk, dv, grads = backend.bwd(
                     q, k, v, do, lse, delta, t, mods, off, spec=local, cfg=cfgs.bwd,
                     grad_slots=grad_slots,

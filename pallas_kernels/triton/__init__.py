@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels import dispatch
 from pallas_kernels.mod_eval import mod_loads
 from pallas_kernels.runtime import has_gpu
-from pallas_kernels.spec import KernelSpec, Layout, Mods
+from pallas_kernels.spec import KernelSpec, Mods
 from pallas_kernels.triton import configs
 from pallas_kernels.triton.bwd import BwdConfig, flex_bwd
 from pallas_kernels.triton.decode import DecodeConfig, flex_decode
@@ -41,8 +41,6 @@ class TritonBackend(dispatch.Backend):
             return (
                 "compiled kernels need a CUDA GPU and JAX has none (kernel_options interpret=False)"
             )
-        if spec.layout is not Layout.BHSD:
-            return f"its launchers take the BHSD layout, got {spec.layout.value}"
         if not spec.interpret and spec.dtype not in _DTYPES:
             return f"on the GPU it computes in {', '.join(_DTYPES)}, got {spec.dtype}"
         if spec.head_dim > _MAX_HEAD_DIM:

@@ -135,3 +135,37 @@ def test_vmap_of_an_auto_sharded_call():
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, slopes)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, **GRAD_TOL)
+
+
+@pytest.mark.parametrize(
+    "spec", [P("dp"), P(None, None, "dp"), P("dp", None, "tp")], ids=["batch", "heads", "both"]
+)
+def test_jax_layout_shards_like_flex_attention(spec):
+    """dot_product_attention's [B, T, N, H] arrays split on batch and/or heads (dims 0 and 2)."""
+    names = ("dp", "tp") if "tp" in spec else ("dp",)
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices()).reshape((2, 2) if len(names) == 2 else (4,)), names
+    )
+    q0, k0, v0 = (jnp.swapaxes(x, 1, 2) for x in random_qkv(3, 4, 8, 64, 96, 16, Hkv=4))
+    slopes = jnp.linspace(0.1, 1.0, 8)
+    bm = fj.create_block_mask(head_window, 1, 8, 64, 96, BLOCK_SIZE=32)
+
+    def loss(q, k, v, s):
+        out, lse = fj.dot_product_attention(q, k, v, alibi(s), bm, return_lse=True)
+        return jnp.sum(jnp.sin(out)) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    attend = jax.jit(lambda q, k, v, s: fj.dot_product_attention(q, k, v, alibi(s), bm))
+    want = attend(q0, k0, v0, slopes)
+    want_grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q0, k0, v0, slopes)
+    q, k, v = place(mesh, spec, q0, k0, v0)
+    out = attend(q, k, v, slopes)
+    np.testing.assert_allclose(out, want, **TOL)
+    padded = lambda p: (tuple(p) + (None,) * 3)[:3]
+    assert padded(out.sharding.spec) == padded(spec)
+    counts = collectives(attend.lower(q, k, v, slopes).compile().as_text())
+    assert counts == dict.fromkeys(counts, 0), counts
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    for g, w in zip(grad(q, k, v, slopes), want_grads, strict=True):
+        np.testing.assert_allclose(g, w, **GRAD_TOL)
+    counts = collectives(grad.lower(q, k, v, slopes).compile().as_text())
+    assert counts["all-gather"] == 0 and counts["all-reduce"] == 1, counts  # the slopes' grad
