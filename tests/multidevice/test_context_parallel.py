@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import flexjax as fj
 from flexjax import masks
 from flexjax import parallel as cp
+from pallas_kernels import dispatch
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -297,3 +298,45 @@ def test_ring_equals_one_device(mask_name):
             MASKS[mask_name](), ORDERS["contiguous"], mesh, P(None, "tp", "cp"), seed=6,
             strategy="ring",
         )  # fmt: skip
+
+
+def test_autotune_under_context_parallelism(tmp_path, monkeypatch):
+    """The autotuner times a mapped call (offsets of 4 + R entries) and the result still matches."""
+    from pallas_kernels import autotune
+
+    monkeypatch.setenv("FLEXJAX_CACHE_DIR", str(tmp_path))
+    autotune.clear_memory_cache()
+    mesh = mesh_of((4,), ("cp",))
+    q, k, v = random_qkv(11, 1, 2, S, S, 16)
+    bm = fj.create_block_mask(documents(S), 1, 1, S, S, BLOCK_SIZE=BS)
+    order = cp.ptrr_order(bm, 4)
+    timed = autotune.stats["timed"]
+    triton = dispatch.backends()["TRITON"]
+    shapes, fwd = [], triton.fwd
+
+    def recording_fwd(q, k, v, tables, mods, offsets, **kw):
+        shapes.append(None if offsets is None else offsets.shape)
+        return fwd(q, k, v, tables, mods, offsets, **kw)
+
+    monkeypatch.setattr(triton, "fwd", recording_fwd)
+    attend = jax.jit(
+        lambda q, k, v: cp.context_parallel_attention(
+            q,
+            k,
+            v,
+            bias(jnp.linspace(-1.0, 1.0, 2)),
+            bm,
+            order=order,
+            axis="cp",
+            mesh=mesh,
+            kernel_options={"autotune": True},
+        )  # fmt: skip
+    )
+    got = order.unshard(attend(*(order.shard(x) for x in (q, k, v))))
+    cp_shapes = list(shapes)  # the context-parallel call's, not the reference's below
+    want = fj.flex_attention(q, k, v, bias(jnp.linspace(-1.0, 1.0, 2)), bm)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert autotune.stats["timed"] > timed  # it did time configs
+    R = order.local_len // BS
+    assert cp_shapes and set(cp_shapes) == {(4 + R,)}, cp_shapes  # timed with the call's map
+    autotune.clear_memory_cache()
