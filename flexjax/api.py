@@ -209,8 +209,7 @@ def _global_sizes(query, key, q_sharding) -> tuple[int, int, int, int]:
     """(B, Hq, L, S) of the whole call: a shard's sizes times its shard counts."""
     B, Hq, L = query.shape[:3]
     if q_sharding is not None:
-        shards = shard_layout(q_sharding)
-        B, Hq = B * shards.count(shards.batch_axes), Hq * shards.count(shards.head_axes)
+        B, Hq = shard_layout(q_sharding).whole(B, Hq)
     return B, Hq, L, key.shape[2]
 
 

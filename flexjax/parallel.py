@@ -267,6 +267,7 @@ def context_parallel_attention(
         )
     q_spec = PartitionSpec(None, None, axis) if q_sharding is None else q_sharding
     _check_q_spec(q_spec, axis)
+    q_spec = PartitionSpec(*tuple(q_spec) + (None,) * (4 - len(q_spec)))  # four entries
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(_STRATEGIES)}, got {strategy!r}")
     local_fn = _STRATEGIES[strategy]
@@ -297,8 +298,7 @@ def context_parallel_attention(
             f"order was made for {order.n} devices but mesh axis {axis!r} has {mesh.shape[axis]}"
         )
     _check_local_len(query, key, value, order.padded_len, "order.padded_len")
-    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
-    kv_spec = PartitionSpec(entries[0] if key.shape[0] > 1 else None, entries[1], axis)
+    kv_spec = PartitionSpec(q_spec[0] if key.shape[0] > 1 else None, q_spec[1], axis)
     program, consts = score
 
     def local(q, k, v, consts, bm):
@@ -307,7 +307,7 @@ def context_parallel_attention(
     out, lse = jax.shard_map(
         local, mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), PartitionSpec()),
-        out_specs=(PartitionSpec(*entries[:3]), PartitionSpec(*entries[:3])),
+        out_specs=(PartitionSpec(*q_spec[:3]), PartitionSpec(*q_spec[:3])),
         check_vma=False,
     )(query, key, value, tuple(consts), block_mask)  # fmt: skip
     return (out, lse) if return_lse else out
@@ -316,9 +316,7 @@ def context_parallel_attention(
 def _all_gather_local(query, key, value, score, block_mask, order, axis, q_spec, *, scale,
                       enable_gqa, kernel_options):  # fmt: skip
     """(out, lse) of this device's queries: gather K/V, take the table rows of its blocks, run."""
-    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
-    sizes = dict(jax.sharding.get_abstract_mesh().shape)
-    layout = ShardLayout.from_spec(PartitionSpec(*entries[:2]), sizes)
+    layout = _batch_head_shards(q_spec)
     B, Hq = query.shape[:2]
     mine = jnp.asarray(order.blocks)[lax.axis_index(axis)]
     key, value = (_gathered(x, order, axis) for x in (key, value))
@@ -334,10 +332,9 @@ def _all_gather_local(query, key, value, score, block_mask, order, axis, q_spec,
 def _ulysses_local(query, key, value, score, block_mask, order, axis, q_spec, *, scale,
                    enable_gqa, kernel_options):  # fmt: skip
     """(out, lse) of this device's queries: all-to-all to heads, the whole sequence, back."""
-    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
     n = jax.sharding.get_abstract_mesh().shape[axis]
     B, Hq, Hkv = query.shape[0], query.shape[1], key.shape[1]
-    if entries[1] is not None or Hq % n or Hkv % n:
+    if q_spec[1] is not None or Hq % n or Hkv % n:
         raise ValueError(
             f"strategy='ulysses' splits the heads over {axis!r} ({n} devices): Hq={Hq} and "
             f"Hkv={Hkv} must divide by {n} and q_sharding may not split heads (got {q_spec}); "
@@ -355,7 +352,7 @@ def _ulysses_local(query, key, value, score, block_mask, order, axis, q_spec, *,
 
     query, key, value = (to_heads(x) for x in (query, key, value))
     sizes = dict(jax.sharding.get_abstract_mesh().shape)
-    layout = ShardLayout.from_spec(PartitionSpec(entries[0], axis), sizes)
+    layout = ShardLayout.from_spec(PartitionSpec(q_spec[0], axis), sizes)
     heads = query.shape[1]
     block_mask = local_block_mask(block_mask, layout, B, heads)
     call = _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options)
@@ -377,16 +374,14 @@ def _ring_local(query, key, value, score, block_mask, order, axis, q_spec, *, sc
     step). The steps' outputs are merged by their lse. Autodiff sends dK/dV
     back round the ring.
     """
-    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
-    sizes = dict(jax.sharding.get_abstract_mesh().shape)
-    n = sizes[axis]
+    n = jax.sharding.get_abstract_mesh().shape[axis]
     q_bs, kv_bs = block_mask.BLOCK_SIZE
     if q_bs % kv_bs:
         raise ValueError(
             f"strategy='ring' needs the kv block size ({kv_bs}) to divide the q block size "
             f"({q_bs}); use strategy='all_gather'"
         )
-    layout = ShardLayout.from_spec(PartitionSpec(*entries[:2]), sizes)
+    layout = _batch_head_shards(q_spec)
     B, Hq = query.shape[:2]
     r = lax.axis_index(axis)
     blocks = jnp.asarray(order.blocks)
@@ -499,15 +494,16 @@ def _full_block_mask(order: SequenceOrder) -> BlockMask:
     )  # fmt: skip
 
 
+def _batch_head_shards(q_spec: PartitionSpec) -> ShardLayout:
+    """Which mesh axes split q's batch and heads (q_spec: four entries, the sequence's ignored)."""
+    sizes = dict(jax.sharding.get_abstract_mesh().shape)
+    return ShardLayout.from_spec(PartitionSpec(*q_spec[:2]), sizes)
+
+
 def _whole_batch_and_heads(query, q_spec, local: bool) -> tuple[int, int]:
     """q's whole batch and head counts (a local q's times its shard counts)."""
     B, Hq = query.shape[:2]
-    if not local:
-        return B, Hq
-    entries = tuple(q_spec) + (None,) * (4 - len(q_spec))
-    sizes = dict(jax.sharding.get_abstract_mesh().shape)
-    layout = ShardLayout.from_spec(PartitionSpec(*entries[:2]), sizes)
-    return B * layout.count(layout.batch_axes), Hq * layout.count(layout.head_axes)
+    return _batch_head_shards(q_spec).whole(B, Hq) if local else (B, Hq)
 
 
 def _check_q_spec(q_spec, axis):

@@ -52,9 +52,6 @@ def _iv(lo, hi):
     return (int(lo), int(hi))
 
 
-_obj = as_obj
-
-
 def _scalar(v):
     """An interval of a literal: integer and bool scalars are exact, anything else unknown."""
     v = np.asarray(v)
@@ -246,7 +243,7 @@ class _Walk:
             return unknown  # a structure this walk does not follow: unknown, never wrong
 
     def apply(self, name, ins, p, out_shape):
-        objs = [_obj(v) for v in ins]
+        objs = [as_obj(v) for v in ins]
         out = shape_op(name, objs, p, lambda value, dtype: _iv(value, value))
         if out is not None:
             return out
@@ -261,10 +258,10 @@ class _Walk:
         array = ins[0]
         if eqn.primitive.name == "dynamic_slice":
             for d, start in enumerate(ins[1:]):
-                self.check(array, d, _obj(start)[()], eqn.params["slice_sizes"][d])
+                self.check(array, d, as_obj(start)[()], eqn.params["slice_sizes"][d])
             return
         dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
-        indices = _obj(ins[1])
+        indices = as_obj(ins[1])
         if indices.ndim == 0:
             return
         for pos in np.ndindex(*indices.shape[:-1]):

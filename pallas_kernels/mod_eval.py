@@ -84,9 +84,6 @@ class _Hoisted:
     dtype: jnp.dtype
 
 
-_as_obj = as_obj  # a value as a numpy object array of tiles
-
-
 def _broadcast_tiles(vals):
     shapes = [jnp.shape(v) for v in vals]
     target = np.broadcast_shapes(*shapes)
@@ -116,7 +113,7 @@ class _Evaluator:
 
     # -- elementwise -------------------------------------------------------
     def bind_elementwise(self, prim, invals, params):
-        objs = [_as_obj(v) for v in invals]
+        objs = [as_obj(v) for v in invals]
         shape = np.broadcast_shapes(*[o.shape for o in objs])
         objs = [np.broadcast_to(o, shape) for o in objs]
         out = np.empty(shape, dtype=object)
@@ -166,7 +163,7 @@ class _Evaluator:
             return self.gather_hoisted(eqn, invals)
         if any(isinstance(v, _Hoisted) for v in invals):
             self.fail(f"using a captured array whole in `{name}`")
-        objs = [_as_obj(v) for v in invals]
+        objs = [as_obj(v) for v in invals]
         out = shape_op(name, objs, p, lambda value, dtype: jnp.asarray(value, dtype))
         if out is not None:
             return out
@@ -178,7 +175,7 @@ class _Evaluator:
         out = np.empty(out_shape, dtype=object)
         n_dims = len(hoisted.shape)
         if eqn.primitive.name == "dynamic_slice":
-            starts = [_as_obj(v)[()] for v in invals[1:]]
+            starts = [as_obj(v)[()] for v in invals[1:]]
             sizes = eqn.params["slice_sizes"]
             for pos in np.ndindex(*out_shape):
                 idx = []
@@ -191,14 +188,14 @@ class _Evaluator:
         if dn.operand_batching_dims:
             self.fail("a batched gather")
         sizes = eqn.params["slice_sizes"]
-        indices = _as_obj(invals[1])
+        indices = as_obj(invals[1])
         offset_dims = tuple(dn.offset_dims)
         batch_out_dims = [d for d in range(len(out_shape)) if d not in offset_dims]
         window_operand_dims = [d for d in range(n_dims) if d not in dn.collapsed_slice_dims]
         for pos in np.ndindex(*out_shape):
             batch_pos = tuple(pos[d] for d in batch_out_dims)
             start_vec = indices[batch_pos] if indices.ndim else indices[()]
-            start_vec = _as_obj(start_vec)
+            start_vec = as_obj(start_vec)
             starts = [0] * n_dims
             for k, od in enumerate(dn.start_index_map):
                 starts[od] = self.clamp_start(

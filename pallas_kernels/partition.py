@@ -66,6 +66,10 @@ class ShardLayout:
         sizes = dict(self.axis_sizes)
         return math.prod(sizes[a] for a in axes)
 
+    def whole(self, batch: int, q_heads: int) -> tuple[int, int]:
+        """The whole (batch, query heads) of a shard's (batch, q_heads)."""
+        return batch * self.count(self.batch_axes), q_heads * self.count(self.head_axes)
+
     def position(self, axes: tuple[str, ...]):
         """This device's index among the shards of `axes` (row-major, as PartitionSpec splits)."""
         return lax.axis_index(axes) if axes else 0
