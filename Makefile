@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[torch,test,bench,lint]"
+	$(PY) -m pip install -q -e ".[torch,flax,hf,test,bench,lint]"
 	touch $(STAMP)
 
 # The multi-device tests need 4 JAX devices, forced on the CPU before JAX starts: their own run.

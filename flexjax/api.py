@@ -28,7 +28,13 @@ from flexjax.input_checks import (
     check_scale,
     check_score_mod,
 )
-from flexjax.sharding import explicit_call, explicit_q_spec, local_block_mask, shard_layout
+from flexjax.sharding import (
+    explicit_call,
+    explicit_q_spec,
+    local_block_mask,
+    shard_layout,
+    spec_in_bhsd,
+)
 from pallas_kernels import dispatch
 from pallas_kernels.mod_trace import indices_read
 from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods
@@ -171,8 +177,24 @@ def flex_attention(
 
 def _checked_call(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                   kernel_options, q_sharding, layout):  # fmt: skip
-    """The checks that need the caller's arrays, then the cached jitted call (`_call`)."""
+    """The checks that need the caller's arrays, then the cached jitted call (`jitted_call`)."""
+    consts, static = checked_static_call(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, q_sharding,
+        layout,
+    )  # fmt: skip
+    out, lse = jitted_call(query, key, value, tuple(consts), block_mask, **static)
+    return (out, lse) if return_lse else out
+
+
+def checked_static_call(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                        kernel_options, q_sharding=None, layout=Layout.BHSD):  # fmt: skip
+    """Check a call; return the score_mod's captured arrays and `jitted_call`'s static arguments.
+
+    `jitted_call(query, key, value, tuple(consts), block_mask, **static)` is then the
+    call; the torch bridge wraps it in its own jitted vjp.
+    """
     program, consts = check_score_mod(score_mod)  # traced once, here, whatever follows
+    q_sharding = spec_in_bhsd(q_sharding, layout)
     views = [as_bhsd(x, layout) for x in (query, key, value)]
     check_qkv(*views, enable_gqa)  # the checks that need concrete arrays
     check_scale(scale, query.shape[-1])
@@ -181,20 +203,13 @@ def _checked_call(query, key, value, score_mod, block_mask, scale, enable_gqa, r
     kernel_options = _checked_by_evaluation(
         kernel_options, program, consts, block_mask, sizes, isinstance(query, jax.core.Tracer)
     )
-    explicit = explicit_q_spec(query) if q_sharding is None else None
-    if layout is not Layout.BHSD and (explicit is not None or q_sharding is not None):
-        raise NotImplementedError(
-            f"the {layout.value} entry point runs on Auto mesh axes (jit + NamedSharding) but "
-            "not inside a shard_map or on Explicit axes yet: use flex_attention with "
-            "[B, H, L, D] arrays there"
-        )
+    explicit = spec_in_bhsd(explicit_q_spec(query), layout) if q_sharding is None else None
     static = dict(
         program=program, scale=scale, enable_gqa=enable_gqa,
         kernel_options=_frozen(kernel_options), q_sharding=q_sharding, explicit=explicit,
         layout=layout, backends=tuple(dispatch.backends().items()),  # new registry, new call
     )  # fmt: skip
-    out, lse = _call(query, key, value, tuple(consts), block_mask, **static)
-    return (out, lse) if return_lse else out
+    return consts, static
 
 
 def as_bhsd(x, layout: Layout):
@@ -247,7 +262,7 @@ def _frozen(kernel_options):
         "backends",
     ),
 )  # fmt: skip
-def _call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, kernel_options,
+def jitted_call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, kernel_options,
           q_sharding, explicit, layout, backends):  # fmt: skip
     """flex_attention's work as one jitted function of arrays (static: the rest).
 
@@ -264,7 +279,9 @@ def _call(query, key, value, consts, block_mask, *, program, scale, enable_gqa, 
         kernel_options=None if kernel_options is None else dict(kernel_options),
     )  # fmt: skip
     if explicit is not None:
-        return explicit_call(_attend, query, key, value, score, block_mask, explicit, **options)
+        return explicit_call(
+            _attend, query, key, value, score, block_mask, explicit, layout=layout, **options
+        )
     return _attend(
         query, key, value, score, block_mask, q_sharding=q_sharding, layout=layout, **options
     )
@@ -276,7 +293,7 @@ def _attend(query, key, value, score, block_mask, *, scale, enable_gqa, kernel_o
     offsets = None
     if q_sharding is not None:
         shards = shard_layout(q_sharding)
-        B, Hq = query.shape[:2]
+        B, Hq = as_bhsd(query, layout).shape[:2]
         block_mask = local_block_mask(block_mask, shards, B, Hq)
         offsets = shards.offsets(B, Hq)
     call = _prepare(query, key, value, score, block_mask, scale, enable_gqa, kernel_options, layout)

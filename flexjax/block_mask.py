@@ -326,6 +326,11 @@ class BlockMask:
         *batch_dims, _, _ = self.kv_indices.shape
         return tuple(batch_dims) + self.seq_lengths
 
+    @property
+    def ndim(self) -> int:
+        """len(shape): code that handles masks of any kind (transformers' generate) reads it."""
+        return len(self.shape)
+
     def numel(self) -> int:
         """Elements of the mask, not counting sparsity."""
         return math.prod(self.shape)

@@ -33,6 +33,7 @@ def dot_product_attention(
     scale: float | None = None,
     return_lse: bool = False,
     kernel_options: dict | None = None,
+    q_sharding=None,
 ):
     """Block-sparse attention with mods on [B, T, N, H] arrays (jax.nn's layout).
 
@@ -42,9 +43,10 @@ def dot_product_attention(
     (T, S)) as in `flex_attention`. Returns out [B, T, N, Hv] in query's dtype
     and, with return_lse, lse [B, T, N] float32. Differentiable; under jit
     the program holds no transpose or copy of q, k, v, out or their
-    gradients. Under jit on arrays placed by a NamedSharding (Auto axes) it
-    splits batch and heads like flex_attention; inside a shard_map or on
-    Explicit axes use flex_attention (this raises NotImplementedError).
+    gradients. On a mesh it runs like flex_attention, on shards of batch and
+    heads: under jit on arrays placed by a NamedSharding (Auto axes), on
+    Explicit axes (read from query's type), and inside a `jax.shard_map` with
+    q_sharding = query's PartitionSpec there, over [B, T, N, H].
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         if getattr(x, "ndim", None) != 4:
@@ -55,5 +57,5 @@ def dot_product_attention(
     enable_gqa = query.shape[2] != key.shape[2]
     return _checked_call(
         query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
-        None, Layout.BSHD,
+        q_sharding, Layout.BSHD,
     )  # fmt: skip

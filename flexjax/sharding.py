@@ -27,6 +27,10 @@ PartitionSpec at trace time and runs the same local call under a shard_map
 of its own (`explicit_call`). What it needs it arranges, explicitly: k and v
 resharded to q's batch and head split if theirs differs, the block mask and
 the mods' captured arrays replicated. The outputs keep q's sharding.
+
+jax.nn's [B, T, N, H] layout (`flexjax.dot_product_attention`) takes the
+same paths: its specs are read as the same split of [B, H, L, D]
+(`spec_in_bhsd`) and the shard_map's specs are written in its layout.
 """
 
 from __future__ import annotations
@@ -36,8 +40,15 @@ from jax.sharding import PartitionSpec
 
 from flexjax.block_mask import BlockMask
 from pallas_kernels.partition import ShardLayout, local_tables
+from pallas_kernels.spec import Layout
 
-__all__ = ["explicit_call", "explicit_q_spec", "local_block_mask", "shard_layout"]
+__all__ = [
+    "explicit_call",
+    "explicit_q_spec",
+    "local_block_mask",
+    "shard_layout",
+    "spec_in_bhsd",
+]
 
 
 def shard_layout(q_sharding) -> ShardLayout:
@@ -75,18 +86,21 @@ def explicit_q_spec(query) -> PartitionSpec | None:
     return spec if any(entry is not None for entry in spec) else None
 
 
-def explicit_call(attend, query, key, value, score, block_mask, q_spec, **kwargs):
+def explicit_call(attend, query, key, value, score, block_mask, q_spec, *, layout, **kwargs):
     """attend(...) on the shards of q's Explicit sharding: a shard_map over the local call.
 
-    attend(q, k, v, score, block_mask, q_sharding=..., **kwargs) -> (out, lse):
+    attend(q, k, v, score, block_mask, q_sharding=..., layout=..., **kwargs) -> (out, lse):
     the local call; score: the traced score_mod (program, captured arrays),
-    whose arrays cross into the shard_map as arguments, not closures.
+    whose arrays cross into the shard_map as arguments, not closures. q_spec:
+    q's split in BHSD terms (`spec_in_bhsd`); the shard_map's specs follow `layout`.
     """
     score_program, score_consts = score
-    layout = shard_layout(q_spec)
-    b_entry, h_entry = layout.entry(layout.batch_axes), layout.entry(layout.head_axes)
+    shards = shard_layout(q_spec)
+    b_entry, h_entry = shards.entry(shards.batch_axes), shards.entry(shards.head_axes)
     kv_batch = b_entry if key.shape[0] > 1 else None
-    kv_spec = PartitionSpec(kv_batch, h_entry)
+    q_out = PartitionSpec(*layout.shape(b_entry, h_entry, None, None))
+    kv_spec = PartitionSpec(*layout.shape(kv_batch, h_entry, None, None))
+    lse_out = PartitionSpec(*layout.shape(b_entry, h_entry, None, None)[:3])
     key, value = (_resharded(x, kv_spec) for x in (key, value))
     score_consts = tuple(_resharded(c, PartitionSpec()) for c in score_consts)
     block_mask = jax.tree.map(lambda t: _resharded(t, PartitionSpec()), block_mask)
@@ -94,13 +108,28 @@ def explicit_call(attend, query, key, value, score, block_mask, q_spec, **kwargs
 
     def local(q, k, v, consts, bm):
         q_sharding = PartitionSpec(b_entry, h_entry)
-        return attend(q, k, v, (score_program, consts), bm, q_sharding=q_sharding, **kwargs)
+        return attend(
+            q, k, v, (score_program, consts), bm, q_sharding=q_sharding, layout=layout, **kwargs
+        )
 
-    q_out = PartitionSpec(b_entry, h_entry)
     return jax.shard_map(
         local, mesh=mesh, in_specs=(q_out, kv_spec, kv_spec, PartitionSpec(), PartitionSpec()),
-        out_specs=(q_out, q_out), axis_names=set(mesh.axis_names), check_vma=False,
+        out_specs=(q_out, lse_out), axis_names=set(mesh.axis_names), check_vma=False,
     )(query, key, value, score_consts, block_mask)  # fmt: skip
+
+
+def spec_in_bhsd(spec, layout: Layout):
+    """A PartitionSpec over an array in `layout` as the same split of its [B, H, L, D] dims.
+
+    The shard arithmetic (`shard_layout`, `ShardLayout`) speaks BHSD; a
+    [B, T, N, H] query's spec has its sequence and head entries swapped.
+    Anything that is not a spec of at most 4 entries is returned as given,
+    for `shard_layout` to refuse by name.
+    """
+    if layout is Layout.BHSD or not isinstance(spec, PartitionSpec) or len(spec) > 4:
+        return spec
+    b, t, n, d = tuple(spec) + (None,) * (4 - len(spec))
+    return PartitionSpec(b, n, t, d)
 
 
 def _resharded(x, spec: PartitionSpec):

@@ -24,6 +24,7 @@ Evaluating a program on tiles inside a kernel is `mod_eval`'s job.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
+
+from pallas_kernels.mod_signature import signature
 
 __all__ = ["ModProgram", "ModTraceError", "indices_read", "mod_name", "trace_mod"]
 
@@ -95,8 +98,39 @@ class ModProgram:
         return mod
 
 
+# Programs by mod signature (`mod_signature`): a new closure of known code and
+# known captured shapes skips tracing. Bounded, least recently used out first.
+_BY_SIGNATURE: collections.OrderedDict = collections.OrderedDict()
+_BY_SIGNATURE_SIZE = 512
+
+
 def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Array]]:
-    """Trace `fn` on scalars; return its program and its hoisted arrays (original shapes)."""
+    """Trace `fn` on scalars; return its program and its hoisted arrays (original shapes).
+
+    A mod whose signature was traced before is not traced again: its program
+    comes from the cache and its arrays from the new closure.
+    """
+    sig = signature(fn)
+    if sig is not None:
+        # The context mesh is part of what a trace sees (inside a shard_map, avals carry it).
+        key, arrays = (is_score_mod, jax.sharding.get_abstract_mesh(), sig[0]), sig[1]
+        hit = _BY_SIGNATURE.get(key)
+        if hit is not None:
+            _BY_SIGNATURE.move_to_end(key)
+            program, places = hit
+            return program, [jnp.asarray(arrays[i]) for i in places]
+    program, raw = _trace(fn, is_score_mod)
+    if sig is not None:
+        places = [next((i for i, a in enumerate(arrays) if a is r), None) for r in raw]
+        if None not in places:  # every hoisted array is one the signature found
+            _BY_SIGNATURE[key] = (program, places)
+            if len(_BY_SIGNATURE) > _BY_SIGNATURE_SIZE:
+                _BY_SIGNATURE.popitem(last=False)
+    return program, [jnp.asarray(r) for r in raw]
+
+
+def _trace(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list]:
+    """The program of fn and its hoisted consts as the trace found them (not yet jax arrays)."""
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     args = (i32,) * 4
     if is_score_mod:
@@ -108,9 +142,9 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
             slots.append(("literal", np.asarray(val)))  # Python / numpy scalars are baked in
         else:
             slots.append(("hoisted", len(hoisted)))
-            hoisted.append(jnp.asarray(val))
-    shapes = tuple(tuple(c.shape) for c in hoisted)
-    dtypes = tuple(str(c.dtype) for c in hoisted)
+            hoisted.append(val)
+    shapes = tuple(tuple(np.shape(c)) for c in hoisted)
+    dtypes = tuple(str(jnp.asarray(c).dtype) for c in hoisted)
     literals = ";".join(f"{v.dtype}:{v.tolist()}" for kind, v in slots if kind == "literal")
     key = f"{is_score_mod}|{shapes}|{dtypes}|{literals}|{closed.jaxpr}"
     program = ModProgram(

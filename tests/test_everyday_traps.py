@@ -20,7 +20,7 @@ from helpers import random_qkv
 import flexjax as fj
 from flexjax import api, mask_builders, masks
 from flexjax.reference import flex_attention_reference
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, mod_trace
 from pallas_kernels.index_ranges import ModIndexError
 
 B, H, S, D = 1, 2, 128, 16
@@ -30,7 +30,7 @@ KERNELS = ("fwd", "dq", "dkdv")
 def compiled_state():
     """What a recompile would change: kernel traces, flex's and the builder's jit caches."""
     traces = tuple(dispatch.trace_count(k) for k in KERNELS)
-    return traces, api._call._cache_size(), mask_builders._block_tables._cache_size()
+    return traces, api.jitted_call._cache_size(), mask_builders._block_tables._cache_size()
 
 
 def captures(kind, step):
@@ -101,17 +101,87 @@ def captures_in_jit(kind, i):
     return score_mod, fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=32)
 
 
+WINDOW = 8  # read by a mod below as a global: a new value must give a new program
+
+
+def test_known_closures_are_not_traced_again_and_their_guards_hold(monkeypatch):
+    """A new closure of known code and captured shapes reuses the program, with its own arrays.
+
+    The signature that decides this covers cells, defaults and the globals the
+    code names: a changed Python constant there (a global, a captured int) gives
+    a new program; a captured object the signature cannot read is traced each time.
+    """
+    global WINDOW
+    traces = []
+    trace = mod_trace._trace
+    monkeypatch.setattr(mod_trace, "_trace", lambda *a: traces.append(1) or trace(*a))
+
+    def doc_mask(doc, offset, shift=0):
+        def mask_mod(b, h, q, kv):
+            in_doc = (offset[kv] <= offset[q]) & (doc[q] == doc[kv])  # offset is read first
+            return in_doc & (jnp.abs(q - kv) <= WINDOW + shift)
+
+        return mask_mod
+
+    rng = np.random.default_rng(0)
+
+    def traced_build(mask_mod, want):
+        """How many traces building mask_mod's BlockMask took; checks its dense mask."""
+        before = len(traces)
+        bm = fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=32)
+        n = len(traces) - before
+        # the program with the arrays it got (not the closure given) and the block tables
+        got = fj.create_mask(bm.mask_program.bind(bm.mask_consts), 1, 1, S, S)[0, 0]
+        np.testing.assert_array_equal(np.asarray(got), want)
+        blocks = want.reshape(S // 32, 32, S // 32, 32)
+        kinds = np.where(blocks.all((1, 3)), 2, np.where(blocks.any((1, 3)), 1, 0))
+        np.testing.assert_array_equal(bm.block_kinds()[0, 0], kinds)
+        return n
+
+    def docs(shift=0):
+        doc = jnp.asarray(np.sort(rng.integers(0, 4, S)), jnp.int32)
+        offset = jnp.asarray(rng.integers(0, 2, S), jnp.int32)
+        d, o, i = np.asarray(doc), np.asarray(offset), np.arange(S)
+        want = (
+            (o[None, :] <= o[:, None])
+            & (d[:, None] == d[None, :])
+            & (np.abs(i[:, None] - i[None, :]) <= WINDOW + shift)
+        )
+        return doc_mask(doc, offset, shift), want
+
+    assert traced_build(*docs()) == 1
+    assert [traced_build(*docs()) for _ in range(3)] == [0, 0, 0]  # new arrays: no new trace
+    WINDOW = 20
+    try:
+        assert traced_build(*docs()) == 1  # the global changed: traced, and the new value shows
+        assert traced_build(*docs(shift=3)) == 1  # a captured int changed
+        assert traced_build(*docs(shift=3)) == 0
+    finally:
+        WINDOW = 8
+
+    class Config:
+        window = 4
+
+    for window in (4, 9, 9):
+        cfg = Config()
+        cfg.window = window
+        i = np.arange(S)
+        want = np.abs(i[:, None] - i[None, :]) <= window
+        # an object's attributes are not guarded: traced every time
+        assert traced_build(lambda b, h, q, kv, cfg=cfg: jnp.abs(q - kv) <= cfg.window, want) == 1
+
+
 def test_eager_calls_reuse_one_executable():
     """The eager path is one cached jitted call: nothing traced after the first."""
     q, k, v = random_qkv(1, B, H, S, S, D)
     fj.flex_attention(q, k, v)
-    size = api._call._cache_size()
+    size = api.jitted_call._cache_size()
     for seed in (2, 3):
         q2, k2, v2 = random_qkv(seed, B, H, S, S, D)
         np.testing.assert_allclose(
             fj.flex_attention(q2, k2, v2), flex_attention_reference(q2, k2, v2), atol=2e-5
         )
-    assert api._call._cache_size() == size
+    assert api.jitted_call._cache_size() == size
 
 
 def pallas_operand_dtypes(fn, *args) -> set:

@@ -25,6 +25,11 @@ PUBLIC_MODULES = [
     "pallas_kernels.partition",
     "pallas_kernels.vma",
     "flexjax.sharding",
+    "flexjax.parallel",
+    "flexjax.jax_layout",
+    "flexjax.flax_nnx",
+    "pallas_kernels.mod_signature",
+    "torch_bridge.hf",
 ]
 
 

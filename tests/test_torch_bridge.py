@@ -189,6 +189,38 @@ def test_captured_torch_tensors_and_learnable_parameter():
         assert_close(g, r, F32_TOL, n)
 
 
+def test_training_loop_compiles_once_and_unread_parameters_get_zero_grads():
+    """Steps with new tensors and new parameter values reuse one jitted forward and backward."""
+    from torch_bridge import attention as bridge
+
+    L, H = 64, 2
+    slopes = torch.nn.Parameter(torch.tensor([0.3, 0.6]))
+    unread = torch.nn.Parameter(torch.tensor([1.0, 2.0]))  # captured, never read by the mod
+    sizes = []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        q, k, v = (leaf(torch.randn(1, H, L, 16, generator=gen)) for _ in range(3))
+
+        def biased(s, b, h, qi, kv, unread=unread):
+            return s + slopes[h] * (kv - qi) * 0.1
+
+        out = tb.flex_attention(q, k, v, score_mod=biased)
+        dout = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad((out * dout).sum(), (q, k, v, slopes, unread))
+        q2, k2, v2 = (leaf(x) for x in (q, k, v))
+        ref, _ = dense_torch_attention(q2, k2, v2, biased, None, 16**-0.5)
+        ref_grads = torch.autograd.grad((ref * dout).sum(), (q2, k2, v2, slopes))
+        for g, r, n in zip(grads[:4], ref_grads, ("dq", "dk", "dv", "dslopes"), strict=True):
+            assert_close(g, r, F32_TOL, n)
+        assert torch.equal(grads[4], torch.zeros(2))
+        with torch.no_grad():
+            slopes.add_(0.1)  # a new value, as an optimizer step makes
+        sizes.append(
+            (bridge._forward_and_pullback._cache_size(), bridge._apply_pullback._cache_size())
+        )
+    assert sizes[1] == sizes[2] == sizes[0], sizes
+
+
 def test_flexjax_block_masks_accept_mods_capturing_torch_tensors():
     """With torch_bridge imported, flexjax's own builders take mods that capture torch tensors."""
     L = 64
@@ -312,7 +344,52 @@ def test_non_contiguous_inputs_give_the_contiguous_result():
     assert not q.is_contiguous()
     out = tb.flex_attention(q, q, q, score_mod=mods.causal_bias)
     ref = tb.flex_attention(*(q.contiguous(),) * 3, score_mod=mods.causal_bias)
-    assert torch.equal(out, ref)
+    assert_close(out, ref, F32_TOL, "out")  # q runs as BSHD memory: a different tiling
+    other = torch.randn(1, 2, 32, 32, generator=gen)[..., ::2]  # neither layout
+    assert not other.is_contiguous() and not other.transpose(1, 2).is_contiguous()
+    out = tb.flex_attention(other, other, other, score_mod=mods.causal_bias)
+    ref = tb.flex_attention(*(other.contiguous(),) * 3, score_mod=mods.causal_bias)
+    assert torch.equal(out, ref)  # copied to BHSD: the same call
+
+
+def test_bshd_views_run_without_copies_and_match_contiguous_inputs():
+    """[B, H, L, D] views of [B, L, H, D] memory (attention layers' q/k/v) run in that layout.
+
+    Forward, lse and every gradient equal the contiguous call's; out is a view
+    of [B, L, H, D] memory, and q/k/v's memory is read in place (no copy).
+    """
+    from torch_bridge import attention as bridge
+
+    gen = torch.Generator().manual_seed(9)
+    B, L, S, Hq, Hkv, E = 2, 40, 56, 4, 2, 16
+    qs, ks, vs = (torch.randn(B, n, h, E, generator=gen) for n, h in ((L, Hq), (S, Hkv), (S, Hkv)))
+    views = [leaf(x).transpose(1, 2) for x in (qs, ks, vs)]  # grads flow to the BSHD leaves
+    assert bridge._layout_of(*views) is bridge.Layout.BSHD
+    dense = [leaf(x.transpose(1, 2).contiguous()) for x in (qs, ks, vs)]
+    assert bridge._layout_of(*dense) is bridge.Layout.BHSD
+    bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, S, BLOCK_SIZE=16)
+    run = lambda q, k, v: tb.flex_attention(
+        q, k, v, mods.causal_bias, bm, enable_gqa=True, return_lse=True
+    )
+    out, lse = run(*views)
+    ref, ref_lse = run(*dense)
+    assert out.transpose(1, 2).is_contiguous() and lse.transpose(1, 2).is_contiguous()
+    assert_close(out, ref, F32_TOL, "out")
+    assert_close(lse, ref_lse, F32_TOL, "lse")
+    dout = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * dout).sum() + lse.sum(), views)
+    ref_grads = torch.autograd.grad((ref * dout).sum() + ref_lse.sum(), dense)
+    for g, r, n in zip(grads, ref_grads, ("dq", "dk", "dv"), strict=True):
+        assert g.shape == r.shape
+        assert_close(g, r, F32_TOL, n)
+    copied = []
+    to_jax = bridge.tensor_to_jax
+    bridge.tensor_to_jax = lambda t, *a: copied.append(not t.is_contiguous()) or to_jax(t, *a)
+    try:
+        run(*views)
+    finally:
+        bridge.tensor_to_jax = to_jax
+    assert copied == [False, False, False]  # every tensor crossed as it lies in memory
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,17 @@
 """flex_attention for torch tensors: flexjax's kernels behind a torch.autograd.Function.
 
 The forward converts the tensors to jax arrays (DLPack, no copy), runs
-`jax.vjp` of `flexjax.flex_attention` (the custom_vjp of the Pallas kernels)
+`jax.vjp` of flexjax's jitted call (the custom_vjp of the Pallas kernels)
 and returns torch views of the results; the backward feeds torch's gradients
 to the saved pullback and returns its results as torch tensors. Torch tensors
 captured by the mods become jax arrays; floating ones that require grad are
 inputs of the vjp, so a learnable bias gets its `.grad` like q, k and v.
+
+Both directions are jitted and cached by the call's static structure, as
+`flexjax.flex_attention` is: the forward returns the pullback itself (a
+pytree of residuals, which jit can return), and the backward is a jitted
+application of it, so a training step pays two cached dispatches, not an
+eager trace of the vjp per call.
 
 The tensors and outputs are also saved with `ctx.save_for_backward`: the
 pullback reads the same memory, and torch's version counter then refuses a
@@ -15,14 +21,18 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import torch
 
 import flexjax
 from flexjax import BlockMask
+from flexjax.api import checked_static_call, jitted_call
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE
+from pallas_kernels.spec import Layout
 from torch_bridge.block_mask import from_torch_block_mask
 from torch_bridge.convert import array_to_torch, check_same_device, tensor_to_jax
 from torch_bridge.mods import captured_tensors, jax_arrays, rebuild, with_jax_arrays
@@ -48,21 +58,42 @@ def _to_flexjax_block_mask(block_mask, mask_mod):
     return from_torch_block_mask(block_mask, mask_mod=mask_mod)
 
 
+@functools.partial(jax.jit, static_argnames=("diff", "static"))
+def _forward_and_pullback(q, k, v, consts, block_mask, *, diff, static):
+    """(out, lse) and the pullback of (q, k, v, consts[i] for i in diff): one cached dispatch."""
+
+    def call(q, k, v, *diff_consts):
+        replaced = list(consts)
+        for i, x in zip(diff, diff_consts, strict=True):
+            replaced[i] = x
+        return jitted_call(q, k, v, tuple(replaced), block_mask, **dict(static))
+
+    (out, lse), pullback = jax.vjp(call, q, k, v, *(consts[i] for i in diff))
+    return out, lse, pullback
+
+
+@jax.jit
+def _apply_pullback(pullback, cotangents):
+    """The pullback (cached by its structure, which a cached forward keeps) on the cotangents."""
+    return pullback(cotangents)
+
+
 class _FlexAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, need_vjp, query, key, value, *captured):
+    def forward(ctx, call, layout, query, key, value, *captured):
+        """call(q, k, v, captured arrays) -> (out, lse, pullback or None): jax arrays.
+
+        With layout BSHD, q/k/v/out and their gradients cross as [B, L, H, D]
+        memory (torch sees [B, H, L, D] views of it), lse as [B, L, H].
+        """
+        ctx.layout = layout
         jax_in = [
-            tensor_to_jax(t, name)
+            tensor_to_jax(_to(layout, t), name)
             for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
         ]
         jax_in += [tensor_to_jax(t, "a captured tensor", False) for t in captured]
-        if need_vjp:  # else no pullback (and no residuals) is kept
-            (out, lse), pullback = jax.vjp(run, *jax_in)
-            ctx.pullback = pullback
-        else:
-            out, lse = run(*jax_in)
-            ctx.pullback = None
-        t_out, t_lse = array_to_torch(out), array_to_torch(lse)
+        out, lse, ctx.pullback = call(*jax_in)
+        t_out, t_lse = (_from(layout, array_to_torch(x)) for x in (out, lse))
         ctx.save_for_backward(query, key, value, *captured, t_out, t_lse)
         return t_out, t_lse
 
@@ -74,10 +105,46 @@ class _FlexAttentionFunction(torch.autograd.Function):
             raise RuntimeError("flex_attention: backward called but no input required grad")
         d_out = torch.zeros_like(t_out) if d_out is None else d_out.to(t_out.dtype)
         d_lse = torch.zeros_like(t_lse) if d_lse is None else d_lse.to(t_lse.dtype)
-        d_out, d_lse = tensor_to_jax(d_out, "grad of out"), tensor_to_jax(d_lse, "grad of lse")
-        grads = ctx.pullback((d_out, d_lse))
+        layout = ctx.layout
+        d_out = tensor_to_jax(_to(layout, d_out), "grad of out")
+        d_lse = tensor_to_jax(_to(layout, d_lse), "grad of lse")
+        grads = [array_to_torch(g) for g in ctx.pullback((d_out, d_lse))]
         ctx.pullback = None  # free the residuals
-        return (None, None, *(array_to_torch(g) for g in grads))
+        return (None, None, *(_from(layout, g) for g in grads[:3]), *grads[3:])
+
+
+def _to(layout: Layout, t: torch.Tensor) -> torch.Tensor:
+    """t [B, H, L, ...] as the layout's memory order (a view: no copy for a matching tensor)."""
+    return t.transpose(1, 2) if layout is Layout.BSHD else t
+
+
+_from = _to  # the transpose is its own inverse
+
+
+def _layout_of(*tensors: torch.Tensor) -> Layout:
+    """BSHD when every tensor is a [B, H, L, D] view of [B, L, H, D] memory (as transformers'
+    `.view(B, L, H, D).transpose(1, 2)` makes), so no copy is made; else BHSD."""
+    if all(t.dim() == 4 and t.transpose(1, 2).is_contiguous() for t in tensors) and not all(
+        t.is_contiguous() for t in tensors
+    ):
+        return Layout.BSHD
+    return Layout.BHSD
+
+
+class _WithUnusedZeros:
+    """A pullback whose gradients also cover captured tensors the score_mod never reads (zeros)."""
+
+    def __init__(self, pullback, places, diff_arrays):
+        self.pullback, self.places, self.diff_arrays = pullback, places, diff_arrays
+
+    def __call__(self, cotangents):
+        grads = iter(_apply_pullback(self.pullback, cotangents))
+        q, k, v = next(grads), next(grads), next(grads)
+        const_grads = [
+            jnp.zeros_like(x) if i is None else next(grads)
+            for i, x in zip(self.places, self.diff_arrays, strict=True)
+        ]
+        return q, k, v, *const_grads
 
 
 def flex_attention(
@@ -102,7 +169,9 @@ def flex_attention(
     BlockMask together with `mask_mod=`, its jnp equivalent (needed when it has
     partial blocks). Returns torch tensors on the inputs' device: out, and
     with return_lse also lse (float32). Outputs share memory with JAX's
-    results (no copy).
+    results (no copy). Tensors that are [B, H, L, D] views of [B, L, H, D]
+    memory (`x.view(B, L, H, D).transpose(1, 2)`, as attention layers make
+    them) run in that layout, without a copy; out then is such a view too.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -114,21 +183,28 @@ def flex_attention(
     kernel_options.setdefault("interpret", device.type != "cuda")
     bm = _to_flexjax_block_mask(block_mask, mask_mod)
     arrays, diff = _jax_captures(score_mod)
-    diff_ids = [id(t) for t in diff]
-
-    def run(q, k, v, *diff_arrays):
-        replaced = dict(arrays)
-        replaced.update(zip(diff_ids, diff_arrays, strict=True))
-        return flexjax.flex_attention(
-            q, k, v,
-            score_mod=rebuild(score_mod, replaced),
-            block_mask=bm, scale=scale, enable_gqa=enable_gqa,
-            return_lse=True, kernel_options=kernel_options,
-        )  # fmt: skip
-
     # Decided here: inside Function.forward grad mode is always off.
     need_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *diff))
-    args = (run, need_vjp, query, key, value, *diff)
+
+    def call(q, k, v, *diff_arrays):
+        replaced = dict(arrays)
+        replaced.update(zip(map(id, diff), diff_arrays, strict=True))
+        consts, static = checked_static_call(
+            q, k, v, rebuild(score_mod, replaced), bm, scale, enable_gqa, kernel_options,
+            layout=layout,
+        )  # fmt: skip
+        if not need_vjp:  # no pullback, so no residuals are kept
+            return *jitted_call(q, k, v, tuple(consts), bm, **static), None
+        # The captured tensors that need a gradient, by their place among the mod's arrays.
+        places = [next((i for i, c in enumerate(consts) if c is x), None) for x in diff_arrays]
+        diff_places = tuple(i for i in places if i is not None)
+        out, lse, pullback = _forward_and_pullback(
+            q, k, v, tuple(consts), bm, diff=diff_places, static=tuple(static.items())
+        )
+        return out, lse, _WithUnusedZeros(pullback, places, diff_arrays)
+
+    layout = _layout_of(query, key, value)
+    args = (call, layout, query, key, value, *diff)
     if device.type == "cuda":
         with torch.cuda.device(device):
             out, lse = _FlexAttentionFunction.apply(*args)

@@ -69,3 +69,28 @@ def test_explicit_mesh_shards_itself(shape, names, spec, Hkv, Bkv):
         # The one allowed: summing the captured slopes' per-shard gradients (and k/v's
         # when they are broadcast over a sharded batch).
         assert counts["all-gather"] == counts["all-to-all"] == counts["collective-permute"] == 0
+
+
+def test_explicit_mesh_jax_layout():
+    """dot_product_attention on [B, T, N, H] arrays split P("dp", None, "tp") over Explicit axes."""
+    mesh = jax.make_mesh((2, 2), ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+    B, Hq, Hkv, L, S = 2, 4, 2, 64, 80
+    q0, k0, v0 = (jnp.swapaxes(x, 1, 2) for x in random_qkv(2, B, Hq, L, S, 16, Hkv=Hkv))
+    slopes = jnp.linspace(-1.0, 1.0, Hq)
+    bm = fj.create_block_mask(lambda b, h, qi, kv: qi + 16 >= kv, 1, 1, L, S, BLOCK_SIZE=32)
+    call = lambda q, k, v, s: fj.dot_product_attention(q, k, v, alibi(s), bm)
+    loss = lambda q, k, v, s: jnp.sum(jnp.sin(call(q, k, v, s)))
+    want = call(q0, k0, v0, slopes)
+    want_grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q0, k0, v0, slopes)
+    spec = P("dp", None, "tp")
+    with jax.set_mesh(mesh):
+        q, k, v = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q0, k0, v0))
+        attend = jax.jit(call)
+        out = attend(q, k, v, slopes)
+        assert tuple(jax.typeof(out).sharding.spec)[:3] == ("dp", None, "tp")
+        np.testing.assert_allclose(out, want, **TOL)
+        counts = collectives(attend.lower(q, k, v, slopes).compile().as_text())
+        assert counts == dict.fromkeys(counts, 0), counts
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        for g, w in zip(grad(q, k, v, slopes), want_grads, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)

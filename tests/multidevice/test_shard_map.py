@@ -173,3 +173,33 @@ def test_bad_q_sharding_is_refused():
         fj.flex_attention(q, k, v, q_sharding=P(None, None, "cp"))
     with pytest.raises(TypeError, match="q_sharding must be a jax.sharding.PartitionSpec"):
         fj.flex_attention(q, k, v, q_sharding=("dp",))
+
+
+@pytest.mark.parametrize(
+    "q_spec,kv_spec", [(P("dp", None, "tp"), P("dp", None, "tp")), (P(None, None, "tp"), None)]
+)
+def test_jax_layout_inside_shard_map(q_spec, kv_spec):
+    """dot_product_attention's [B, T, N, H] shards (batch dim 0, heads dim 2) equal one device."""
+    mesh = mesh_of((2, 2), ("dp", "tp")) if kv_spec is not None else mesh_of((4,), ("tp",))
+    kv_spec = kv_spec or P(None, None, "tp")
+    B, Hq, Hkv, L, S = 2, 8, 4, 64, 80
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in random_qkv(6, B, Hq, L, S, 16, Hkv=Hkv))
+    slopes = jnp.linspace(-1.0, 1.0, Hq)
+    bm = fj.create_block_mask(head_window, 1, Hq, L, S, BLOCK_SIZE=32)
+    one = lambda q, k, v, s: fj.dot_product_attention(q, k, v, alibi(s), bm, return_lse=True)
+    lse_spec = P(*tuple(q_spec)[:3])
+    on_shards = jax.shard_map(
+        lambda q, k, v, s: fj.dot_product_attention(
+            q, k, v, alibi(s), bm, return_lse=True, q_sharding=q_spec
+        ),
+        mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=(q_spec, lse_spec),
+        check_vma=False,
+    )  # fmt: skip
+    for got, want in zip(jax.jit(on_shards)(q, k, v, slopes), one(q, k, v, slopes), strict=True):
+        np.testing.assert_allclose(got, want, **TOL)
+    rng = np.random.default_rng(1)
+    w_out, w_lse = rng.standard_normal(q.shape), rng.standard_normal(q.shape[:3])
+    grads = jax.jit(jax.grad(loss_of(on_shards, w_out, w_lse), argnums=(0, 1, 2, 3)))
+    want = jax.grad(loss_of(one, w_out, w_lse), argnums=(0, 1, 2, 3))(q, k, v, slopes)
+    for g, w in zip(grads(q, k, v, slopes), want, strict=True):
+        np.testing.assert_allclose(g, w, **GRAD_TOL)
