@@ -118,7 +118,7 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
         if hit is not None:
             _BY_SIGNATURE.move_to_end(key)
             program, places = hit
-            return program, [jnp.asarray(arrays[i]) for i in places]
+            return program, [_as_jax(arrays[i]) for i in places]
     program, raw = _trace(fn, is_score_mod)
     if sig is not None:
         places = [next((i for i, a in enumerate(arrays) if a is r), None) for r in raw]
@@ -126,7 +126,12 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
             _BY_SIGNATURE[key] = (program, places)
             if len(_BY_SIGNATURE) > _BY_SIGNATURE_SIZE:
                 _BY_SIGNATURE.popitem(last=False)
-    return program, [jnp.asarray(r) for r in raw]
+    return program, [_as_jax(r) for r in raw]
+
+
+def _as_jax(x):
+    """x as a jax array (numpy arrays converted; jax arrays and tracers as they are: cheaper)."""
+    return x if isinstance(x, jax.Array | jax.core.Tracer) else jnp.asarray(x)
 
 
 def _trace(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list]:
