@@ -7,8 +7,11 @@ program depends only on the mod's code and on what the code can see: its
 closure cells, defaults and the globals it names. Arrays there only matter
 by shape and dtype (they become kernel inputs); Python and numpy scalars,
 strings and tuples by value (they are baked in as literals); modules by
-name; classes, builtins and jitted functions by identity; plain functions
-by their own signature, recursively. The trace's context (the abstract
+name, with the attributes the code may read from them (`settings.window`)
+keyed like any value; classes, builtins and jitted functions by identity;
+plain functions by their own signature, recursively. A captured array the
+trace does not take as an input (the mod read its value, `int(n[0])`) keeps
+the mod from being cached. The trace's context (the abstract
 mesh, which a shard_map makes manual) is part of the cache key. Anything else (an object whose
 attributes the mod might read) makes the mod unkeyable, and it is traced
 every time, as before: a signature is a guard, never a guess.
@@ -71,7 +74,12 @@ def _sig(v, arrays: list, depth: int):
     if isinstance(v, types.ModuleType):
         return ("module", v.__name__)
     if isinstance(v, types.FunctionType):
+        if _library_function(v):
+            return ("identity", v)
         return _function_sig(v, arrays, depth)
+    if isinstance(v, _Attributes):  # a module global: what the code may read off it
+        return ("module attrs", v.module.__name__,
+                tuple((n, _sig(getattr(v.module, n), arrays, depth + 1)) for n in v.names))  # fmt: skip
     if isinstance(v, functools.partial):
         kw = tuple(sorted(v.keywords.items()))
         return ("partial", _sig(v.func, arrays, depth + 1), _sig(v.args, arrays, depth + 1),
@@ -79,6 +87,15 @@ def _sig(v, arrays: list, depth: int):
     if isinstance(v, type | types.BuiltinFunctionType | np.ufunc) or _stateless_callable(v):
         return ("identity", v)
     raise _Unkeyable
+
+
+# Functions of these packages are read by identity, not walked (jnp.where's own globals are
+# JAX's internals): their behaviour is fixed by the installed version.
+_LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "math", "operator", "functools"})
+
+
+def _library_function(fn: types.FunctionType) -> bool:
+    return (getattr(fn, "__module__", None) or "").partition(".")[0] in _LIBRARIES
 
 
 def _stateless_callable(v) -> bool:
@@ -92,9 +109,31 @@ def _function_sig(fn: types.FunctionType, arrays: list, depth: int):
     kwdefaults = tuple(
         (k, _sig(x, arrays, depth + 1)) for k, x in sorted((fn.__kwdefaults__ or {}).items())
     )
-    names = sorted(n for n in _global_names(fn.__code__) if n in fn.__globals__)
-    globals_ = tuple((n, _sig(fn.__globals__[n], arrays, depth + 1)) for n in names)
+    code_names = _global_names(fn.__code__)
+    names = sorted(n for n in code_names if n in fn.__globals__)
+    globals_ = tuple(
+        (n, _sig(_with_attributes(fn.__globals__[n], code_names), arrays, depth + 1)) for n in names
+    )
     return ("function", fn.__code__, cells, defaults, kwdefaults, globals_)
+
+
+class _Attributes:
+    """A module and the names its reader's code uses (`settings.window` reads `window`)."""
+
+    def __init__(self, module: types.ModuleType, names: tuple):
+        self.module, self.names = module, names
+
+
+def _with_attributes(value, code_names: frozenset):
+    """A module global as the attributes the code may read from it (values the trace may bake in).
+
+    Functions, classes and submodules among them are keyed by identity or name,
+    numbers and arrays by value or shape, anything else makes the mod unkeyable.
+    """
+    if not isinstance(value, types.ModuleType):
+        return value
+    names = tuple(sorted(n for n in code_names if n in value.__dict__))
+    return _Attributes(value, names)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -122,7 +122,9 @@ def trace_mod(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list[jax.Ar
     program, raw = _trace(fn, is_score_mod)
     if sig is not None:
         places = [next((i for i, a in enumerate(arrays) if a is r), None) for r in raw]
-        if None not in places:  # every hoisted array is one the signature found
+        # Every hoisted array is one the signature found, and every array it found is an
+        # input (one the trace read a value from would be baked into the program).
+        if None not in places and len(set(places)) == len(arrays):
             _BY_SIGNATURE[key] = (program, places)
             if len(_BY_SIGNATURE) > _BY_SIGNATURE_SIZE:
                 _BY_SIGNATURE.popitem(last=False)

@@ -171,6 +171,55 @@ def test_known_closures_are_not_traced_again_and_their_guards_hold(monkeypatch):
         assert traced_build(lambda b, h, q, kv, cfg=cfg: jnp.abs(q - kv) <= cfg.window, want) == 1
 
 
+def test_signature_guards_module_attributes_and_values_read_at_trace_time(monkeypatch):
+    """What a trace bakes in keys the program: a module's attribute the mod reads, and a
+    captured array whose value (not just shape) the mod reads; library calls do not stop reuse."""
+    import types
+
+    traces = []
+    trace = mod_trace._trace
+    monkeypatch.setattr(mod_trace, "_trace", lambda *a: traces.append(1) or trace(*a))
+    settings = types.ModuleType("settings")  # a user's config module
+    settings.window = 4
+    glob = {"settings": settings, "jnp": jnp}
+    # Closures reading settings.window, made as a user's module would make them. (Like
+    # jax.jit, JAX caches a trace per function object: a new closure is what traces again.)
+    exec("def windowed():\n    return lambda b, h, q, kv: jnp.abs(q - kv) <= settings.window", glob)
+    windowed = glob["windowed"]
+    i = np.arange(S)
+
+    def dense_of(mask_mod):
+        before = len(traces)
+        bm = fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=32)
+        n = len(traces) - before
+        got = fj.create_mask(bm.mask_program.bind(bm.mask_consts), 1, 1, S, S)[0, 0]
+        return np.asarray(got), n
+
+    got, n = dense_of(windowed())
+    np.testing.assert_array_equal(got, np.abs(i[:, None] - i[None, :]) <= 4)
+    assert dense_of(windowed())[1] == 0  # nothing changed: the cached program
+    settings.window = 9
+    got, n = dense_of(windowed())
+    np.testing.assert_array_equal(got, np.abs(i[:, None] - i[None, :]) <= 9)
+    assert n == 1
+
+    def concrete(n_arr):  # the mod reads a numpy array's value while tracing: baked in
+        return lambda b, h, q, kv: jnp.where(q >= kv, True, q - kv < int(n_arr[0]))
+
+    for width in (3, 11, 11):
+        got, n = dense_of(concrete(np.asarray([width])))
+        np.testing.assert_array_equal(
+            got, (i[:, None] >= i[None, :]) | (i[:, None] - i[None, :] < width)
+        )
+        assert n == 1  # traced every time: never a program with another call's value
+
+    def doc_where(doc):  # jnp.where and friends: library functions, keyed by identity
+        return lambda b, h, q, kv: jnp.where(q >= kv, doc[q] == doc[kv], False)
+
+    counts = [dense_of(doc_where(jnp.asarray(i // d, jnp.int32)))[1] for d in (16, 32, 8)]
+    assert counts == [1, 0, 0], counts
+
+
 def test_eager_calls_reuse_one_executable():
     """The eager path is one cached jitted call: nothing traced after the first."""
     q, k, v = random_qkv(1, B, H, S, S, D)
