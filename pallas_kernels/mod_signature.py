@@ -43,7 +43,7 @@ def signature(fn) -> tuple[tuple, list] | None:
     arrays: list = []
     try:
         key = _sig(fn, arrays, 0)
-    except (_Unkeyable, RecursionError, TypeError):
+    except (_Unkeyable, RecursionError, TypeError, ValueError):  # ValueError: an empty cell
         return None
     try:
         hash(key)
