@@ -168,12 +168,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", default="block_mask,overhead,bool")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument(
+        "--seqs",
+        default=None,
+        help="block_mask part: comma-separated S (GPU default 8192,32768,131072)",
+    )
     p.add_argument("--out", default=None, help="path prefix for .md and .json")
     args = p.parse_args(argv)
     gpu = has_gpu() and torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
     reps = args.reps or (20 if gpu else 2)
     seqs = [8192, 32768, 131072] if gpu else [256]
+    if args.seqs:
+        seqs = [int(x) for x in args.seqs.split(",")]
     over = (2, 4, 4096, 64) if gpu else (1, 2, 128, 16)
     seed = (16, 16, 8192, 64) if gpu else (2, 2, 256, 16)
     dtype = torch.float16 if gpu else torch.float32

@@ -21,6 +21,7 @@ gradients.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -87,12 +88,7 @@ class _FlexAttentionFunction(torch.autograd.Function):
         memory (torch sees [B, H, L, D] views of it), lse as [B, L, H].
         """
         ctx.layout = layout
-        jax_in = [
-            tensor_to_jax(_to(layout, t), name)
-            for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
-        ]
-        jax_in += [tensor_to_jax(t, "a captured tensor", False) for t in captured]
-        out, lse, ctx.pullback = call(*jax_in)
+        out, lse, ctx.pullback = call(*_jax_inputs(layout, query, key, value, captured))
         t_out, t_lse = (_from(layout, array_to_torch(x)) for x in (out, lse))
         ctx.save_for_backward(query, key, value, *captured, t_out, t_lse)
         return t_out, t_lse
@@ -111,6 +107,15 @@ class _FlexAttentionFunction(torch.autograd.Function):
         grads = [array_to_torch(g) for g in ctx.pullback((d_out, d_lse))]
         ctx.pullback = None  # free the residuals
         return (None, None, *(_from(layout, g) for g in grads[:3]), *grads[3:])
+
+
+def _jax_inputs(layout: Layout, query, key, value, captured) -> list:
+    """q, k, v (in the layout's memory order) and the captured tensors as jax arrays."""
+    jax_in = [
+        tensor_to_jax(_to(layout, t), name)
+        for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
+    ]
+    return jax_in + [tensor_to_jax(t, "a captured tensor", False) for t in captured]
 
 
 def _to(layout: Layout, t: torch.Tensor) -> torch.Tensor:
@@ -204,12 +209,13 @@ def flex_attention(
         return out, lse, _WithUnusedZeros(pullback, places, diff_arrays)
 
     layout = _layout_of(query, key, value)
-    args = (call, layout, query, key, value, *diff)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            out, lse = _FlexAttentionFunction.apply(*args)
-    else:
-        out, lse = _FlexAttentionFunction.apply(*args)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if not need_vjp:  # no autograd node, and lse crosses back only when asked for
+            out, lse, _ = call(*_jax_inputs(layout, query, key, value, diff))
+            out = _from(layout, array_to_torch(out))
+            return (out, _from(layout, array_to_torch(lse))) if return_lse else out
+        out, lse = _FlexAttentionFunction.apply(call, layout, query, key, value, *diff)
     return (out, lse) if return_lse else out
 
 
