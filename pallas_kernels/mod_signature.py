@@ -6,15 +6,17 @@ indexing, and an everyday loop traces a new closure every step
 program depends only on the mod's code and on what the code can see: its
 closure cells, defaults and the globals it names. Arrays there only matter
 by shape and dtype (they become kernel inputs); Python and numpy scalars,
-strings and tuples by value (they are baked in as literals); modules by
-name, with the attributes the code may read from them (`settings.window`)
-keyed like any value; classes, builtins and jitted functions by identity;
-plain functions by their own signature, recursively. A captured array the
-trace does not take as an input (the mod read its value, `int(n[0])`) keeps
-the mod from being cached. The trace's context (the abstract
-mesh, which a shard_map makes manual) is part of the cache key. Anything else (an object whose
-attributes the mod might read) makes the mod unkeyable, and it is traced
-every time, as before: a signature is a guard, never a guess.
+strings and tuples by value (they are baked in as literals); a user's
+module, global or captured, by the attributes the code may read from it
+(`settings.window`, `cfg.model.window`), keyed like any value; library
+modules (jax, numpy, ...) by name; classes, builtins and jitted functions
+by identity; plain functions by their own signature, recursively. A
+captured array the trace does not take as an input (the mod read its
+value, `int(n[0])`) keeps the mod from being cached, and the trace's
+context (the abstract mesh, which a shard_map makes manual) is part of the
+cache key. Anything else (an object whose attributes the mod might read)
+makes the mod unkeyable, and it is traced every time, as before: a
+signature is a guard, never a guess.
 
 `signature(fn)` returns (key, arrays): a hashable key and the arrays the key
 stands for, in a fixed walk order, so a cached program's captured arrays can
@@ -52,7 +54,8 @@ def signature(fn) -> tuple[tuple, list] | None:
     return key, arrays
 
 
-def _sig(v, arrays: list, depth: int):
+def _sig(v, arrays: list, depth: int, names: frozenset = frozenset()):
+    """v's part of the key; names: what the code reading v may look up on it (`v.window`)."""
     if depth > _MAX_DEPTH:
         raise _Unkeyable
     if isinstance(v, jax.Array | jax.core.Tracer):
@@ -70,16 +73,18 @@ def _sig(v, arrays: list, depth: int):
     if v is None or isinstance(v, bool | int | float | complex | str | bytes):
         return (type(v).__name__, v)
     if isinstance(v, tuple | list):
-        return (type(v).__name__, tuple(_sig(x, arrays, depth + 1) for x in v))
+        return (type(v).__name__, tuple(_sig(x, arrays, depth + 1, names) for x in v))
     if isinstance(v, types.ModuleType):
-        return ("module", v.__name__)
+        if _in_library(v.__name__):
+            return ("module", v.__name__)
+        # A user's module: the attributes the code may read (`settings.window`) are keyed.
+        read = sorted(n for n in names if n in v.__dict__)
+        return ("module", v.__name__,
+                tuple((n, _sig(v.__dict__[n], arrays, depth + 1, names)) for n in read))  # fmt: skip
     if isinstance(v, types.FunctionType):
-        if _library_function(v):
+        if _in_library(getattr(v, "__module__", None) or ""):
             return ("identity", v)
         return _function_sig(v, arrays, depth)
-    if isinstance(v, _Attributes):  # a module global: what the code may read off it
-        return ("module attrs", v.module.__name__,
-                tuple((n, _sig(getattr(v.module, n), arrays, depth + 1)) for n in v.names))  # fmt: skip
     if isinstance(v, functools.partial):
         kw = tuple(sorted(v.keywords.items()))
         return ("partial", _sig(v.func, arrays, depth + 1), _sig(v.args, arrays, depth + 1),
@@ -89,13 +94,13 @@ def _sig(v, arrays: list, depth: int):
     raise _Unkeyable
 
 
-# Functions of these packages are read by identity, not walked (jnp.where's own globals are
-# JAX's internals): their behaviour is fixed by the installed version.
+# Modules and functions of these packages are read by name or identity, not walked (jnp.where's
+# own globals are JAX's internals): their behaviour is fixed by the installed version.
 _LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "math", "operator", "functools"})
 
 
-def _library_function(fn: types.FunctionType) -> bool:
-    return (getattr(fn, "__module__", None) or "").partition(".")[0] in _LIBRARIES
+def _in_library(module_name: str) -> bool:
+    return module_name.partition(".")[0] in _LIBRARIES
 
 
 def _stateless_callable(v) -> bool:
@@ -104,41 +109,19 @@ def _stateless_callable(v) -> bool:
 
 
 def _function_sig(fn: types.FunctionType, arrays: list, depth: int):
-    cells = tuple(_sig(c.cell_contents, arrays, depth + 1) for c in fn.__closure__ or ())
-    defaults = _sig(fn.__defaults__ or (), arrays, depth + 1)
-    kwdefaults = tuple(
-        (k, _sig(x, arrays, depth + 1)) for k, x in sorted((fn.__kwdefaults__ or {}).items())
-    )
-    code_names = _global_names(fn.__code__)
-    names = sorted(n for n in code_names if n in fn.__globals__)
-    globals_ = tuple(
-        (n, _sig(_with_attributes(fn.__globals__[n], code_names), arrays, depth + 1)) for n in names
-    )
+    names = _global_names(fn.__code__)
+    sig = lambda v: _sig(v, arrays, depth + 1, names)
+    cells = tuple(sig(c.cell_contents) for c in fn.__closure__ or ())
+    defaults = sig(fn.__defaults__ or ())
+    kwdefaults = tuple((k, sig(x)) for k, x in sorted((fn.__kwdefaults__ or {}).items()))
+    globals_ = tuple((n, sig(fn.__globals__[n])) for n in sorted(names) if n in fn.__globals__)
     return ("function", fn.__code__, cells, defaults, kwdefaults, globals_)
-
-
-class _Attributes:
-    """A module and the names its reader's code uses (`settings.window` reads `window`)."""
-
-    def __init__(self, module: types.ModuleType, names: tuple):
-        self.module, self.names = module, names
-
-
-def _with_attributes(value, code_names: frozenset):
-    """A module global as the attributes the code may read from it (values the trace may bake in).
-
-    Functions, classes and submodules among them are keyed by identity or name,
-    numbers and arrays by value or shape, anything else makes the mod unkeyable.
-    """
-    if not isinstance(value, types.ModuleType):
-        return value
-    names = tuple(sorted(n for n in code_names if n in value.__dict__))
-    return _Attributes(value, names)
 
 
 @functools.lru_cache(maxsize=1024)
 def _global_names(code: types.CodeType) -> frozenset:
-    """The names code (and code nested in it: lambdas, comprehensions) may look up globally."""
+    """The names code (and code nested in it: lambdas, comprehensions) may look up: globals
+    and attributes (`co_names` holds both)."""
     names = set(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):

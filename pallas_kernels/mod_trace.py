@@ -151,7 +151,7 @@ def _trace(fn: Callable, is_score_mod: bool) -> tuple[ModProgram, list]:
             slots.append(("hoisted", len(hoisted)))
             hoisted.append(val)
     shapes = tuple(tuple(np.shape(c)) for c in hoisted)
-    dtypes = tuple(str(jnp.asarray(c).dtype) for c in hoisted)
+    dtypes = tuple(str(_as_jax(c).dtype) for c in hoisted)
     literals = ";".join(f"{v.dtype}:{v.tolist()}" for kind, v in slots if kind == "literal")
     key = f"{is_score_mod}|{shapes}|{dtypes}|{literals}|{closed.jaxpr}"
     program = ModProgram(

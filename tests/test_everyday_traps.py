@@ -203,6 +203,19 @@ def test_signature_guards_module_attributes_and_values_read_at_trace_time(monkey
     np.testing.assert_array_equal(got, np.abs(i[:, None] - i[None, :]) <= 9)
     assert n == 1
 
+    # The same module reached through a closure cell, and a submodule's attribute.
+    settings.model = types.ModuleType("settings.model")
+    settings.model.window = 2
+
+    def captured(cfg):
+        return lambda b, h, q, kv: jnp.abs(q - kv) <= cfg.window + cfg.model.window
+
+    for window, inner, traced in ((9, 2, 1), (9, 2, 0), (9, 5, 1), (1, 5, 1)):
+        settings.window, settings.model.window = window, inner
+        got, n = dense_of(captured(settings))
+        np.testing.assert_array_equal(got, np.abs(i[:, None] - i[None, :]) <= window + inner)
+        assert n == traced, (window, inner, n)
+
     def concrete(n_arr):  # the mod reads a numpy array's value while tracing: baked in
         return lambda b, h, q, kv: jnp.where(q >= kv, True, q - kv < int(n_arr[0]))
 
