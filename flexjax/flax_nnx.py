@@ -60,12 +60,9 @@ from jax import lax
 from flexjax.block_mask import BlockMask
 from flexjax.jax_layout import dot_product_attention as _flex_dpa
 from flexjax.mask_builders import create_block_mask
+from flexjax.masks import causal_mask
 
 __all__ = ["attention_fn", "dot_product_attention"]
-
-
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 def _is_highest(precision) -> bool:
@@ -210,7 +207,7 @@ def dot_product_attention(
                 "intersect a built BlockMask with another mask. Put causality into the "
                 "mask_mod (flexjax.and_masks(mask_mod, causal)) and call with is_causal=False"
             )
-        block_mask = create_block_mask(_causal, None, None, T, S)
+        block_mask = create_block_mask(causal_mask, None, None, T, S)
 
     out = _flex_dpa(
         query, key, value, score_mod, block_mask, scale=scale, kernel_options=kernel_options

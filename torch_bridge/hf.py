@@ -66,6 +66,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 import torch_bridge
 from flexjax import BlockMask
+from flexjax.masks import causal_mask, generate_sliding_window
 
 __all__ = ["NAME", "flexjax_attention_forward", "flexjax_attention_mask", "register"]
 
@@ -107,7 +108,7 @@ def _as_jnp(fn: Callable) -> Callable:
         raise _UnknownMask(fn)
     name, free = fn.__qualname__, _closure(fn)
     if name == "causal_mask_function":
-        return lambda b, h, q, kv: kv <= q
+        return causal_mask
     if name == "bidirectional_mask_function":
         return lambda b, h, q, kv: q >= 0
     if name in ("and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask"):
@@ -264,13 +265,8 @@ def _default_mask(q_length: int, kv_length: int, window: int | None, device) -> 
     """Causal (upper-left, as sdpa's is_causal) and optionally windowed, built once per shape."""
     key = (q_length, kv_length, window, str(device))
     if key not in _DEFAULT_MASKS:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            kept = kv_idx <= q_idx
-            if window is not None:
-                kept = kept & (kv_idx > q_idx - window)
-            return kept
-
+        # transformers' window counts the query itself: kv in (q - window, q]
+        mask_mod = causal_mask if window is None else generate_sliding_window(window - 1)
         _DEFAULT_MASKS[key] = torch_bridge.create_block_mask(
             mask_mod, 1, 1, q_length, kv_length, device=device
         )
