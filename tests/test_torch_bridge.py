@@ -383,12 +383,17 @@ def test_bshd_views_run_without_copies_and_match_contiguous_inputs():
         assert g.shape == r.shape
         assert_close(g, r, F32_TOL, n)
     copied = []
-    to_jax = bridge.tensor_to_jax
-    bridge.tensor_to_jax = lambda t, *a: copied.append(not t.is_contiguous()) or to_jax(t, *a)
+    to_jax = bridge.tensors_to_jax
+
+    def recording(tensors, *a, **kw):
+        copied.extend(not t.is_contiguous() for t in tensors)
+        return to_jax(tensors, *a, **kw)
+
+    bridge.tensors_to_jax = recording
     try:
         run(*views)
     finally:
-        bridge.tensor_to_jax = to_jax
+        bridge.tensors_to_jax = to_jax
     assert copied == [False, False, False]  # every tensor crossed as it lies in memory
 
 
@@ -493,3 +498,25 @@ def test_nested_jagged_tensor_against_jagged_sdpa_on_gpu():
     assert_close(out, ref, 1e-2, "out")
     for g, r, n in zip(grads, ref_grads, "qkv", strict=True):
         assert_close(g, r, 1e-2, f"d{n}")
+
+
+@pytest.mark.gpu
+def test_inputs_written_just_before_the_call_are_read_after_the_write_on_gpu():
+    # tensors_to_jax orders the group with one stream handshake (on the first tensor): the
+    # others, still being written by queued torch work when the call is made, must be read
+    # after that work. A long matmul chain queued first makes a missing wait visible.
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    B, H, S, D = 2, 4, 1024, 64
+    q, k0, v0 = (torch.randn(B, H, S, D, generator=gen, device="cuda") for _ in range(3))
+    big = torch.randn(4096, 4096, generator=gen, device="cuda") / 64
+    for _ in range(3):
+        ref_out = F.scaled_dot_product_attention(q, k0, v0)
+        k, v = torch.zeros_like(k0), torch.zeros_like(v0)
+        torch.cuda.synchronize()
+        x = big
+        for _ in range(40):  # ~ms of queued work before k and v are written
+            x = x @ big
+        k.copy_(k0 + 0 * x[0, 0])  # written after the chain, on torch's stream
+        v.copy_(v0 + 0 * x[0, 1])
+        out = tb.flex_attention(q, k, v, kernel_options={"interpret": False})
+        assert_close(out, ref_out, 2e-2, "out")

@@ -35,7 +35,7 @@ from flexjax.api import checked_static_call, jitted_call
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE
 from pallas_kernels.spec import Layout
 from torch_bridge.block_mask import from_torch_block_mask
-from torch_bridge.convert import array_to_torch, check_same_device, tensor_to_jax
+from torch_bridge.convert import array_to_torch, check_same_device, tensors_to_jax
 from torch_bridge.mods import captured_tensors, jax_arrays, rebuild, with_jax_arrays
 
 __all__ = ["create_block_mask", "flex_attention"]
@@ -102,8 +102,9 @@ class _FlexAttentionFunction(torch.autograd.Function):
         d_out = torch.zeros_like(t_out) if d_out is None else d_out.to(t_out.dtype)
         d_lse = torch.zeros_like(t_lse) if d_lse is None else d_lse.to(t_lse.dtype)
         layout = ctx.layout
-        d_out = tensor_to_jax(_to(layout, d_out), "grad of out")
-        d_lse = tensor_to_jax(_to(layout, d_lse), "grad of lse")
+        d_out, d_lse = tensors_to_jax(
+            (_to(layout, d_out), _to(layout, d_lse)), ("grad of out", "grad of lse")
+        )
         grads = [array_to_torch(g) for g in ctx.pullback((d_out, d_lse))]
         ctx.pullback = None  # free the residuals
         return (None, None, *(_from(layout, g) for g in grads[:3]), *grads[3:])
@@ -111,11 +112,9 @@ class _FlexAttentionFunction(torch.autograd.Function):
 
 def _jax_inputs(layout: Layout, query, key, value, captured) -> list:
     """q, k, v (in the layout's memory order) and the captured tensors as jax arrays."""
-    jax_in = [
-        tensor_to_jax(_to(layout, t), name)
-        for t, name in zip((query, key, value), ("query", "key", "value"), strict=True)
-    ]
-    return jax_in + [tensor_to_jax(t, "a captured tensor", False) for t in captured]
+    tensors = [_to(layout, t) for t in (query, key, value)] + list(captured)
+    names = ["query", "key", "value"] + ["a captured tensor"] * len(captured)
+    return tensors_to_jax(tensors, names, float_only=[True] * 3 + [False] * len(captured))
 
 
 def _to(layout: Layout, t: torch.Tensor) -> torch.Tensor:
