@@ -11,8 +11,10 @@ registering a second.
 Choice, with PyTorch's key `kernel_options["BACKEND"]`:
   * "AUTO" (the default): the first backend (built-in ones first, then in
     registration order) that knows every backend-specific kernel_options key
-    given and whose `supports` accepts the call; if none does, an error
-    listing every backend's reason.
+    given and whose `auto` accepts the call (its `supports`, unless the
+    backend is the worse choice there); if none does, an error listing every
+    backend's reason. Built-in order: Mosaic GPU (sm90, the calls it runs
+    compiled), then Triton.
   * a name ("TRITON", ...): that backend, or an error with its reason. Never
     a silent fallback to another implementation.
 
@@ -60,7 +62,9 @@ DECODE_MAX_Q_LEN = 128
 GENERIC_OPTION_KEYS = ("BACKEND", "autotune", "decode", "interpret")
 
 # Backends that ship with flexjax, imported on first use; each registers itself.
-_BUILTIN_BACKENDS = ("pallas_kernels.triton",)
+# They come first in the registry, in this order (AUTO's), whatever order they import in.
+_BUILTIN_BACKENDS = ("pallas_kernels.mosaic_gpu", "pallas_kernels.triton")
+_BUILTIN_NAMES = ("MOSAIC_GPU", "TRITON")
 
 
 class BackendUnavailable(NotImplementedError):
@@ -91,6 +95,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
         """None if this backend can run the call, else the reason it cannot."""
+
+    def auto(self, spec: KernelSpec, mods: Mods) -> str | None:
+        """Like `supports`, for AUTO: None if AUTO may choose this backend (it can run the call
+        and is the better choice there), else why not. Default: `supports`."""
+        return self.supports(spec, mods)
 
     @abc.abstractmethod
     def configs(self, spec: KernelSpec, mods: Mods, options: dict, decode: bool) -> KernelConfigs:
@@ -143,6 +152,11 @@ def register(backend: Backend) -> None:
         )
     _load_builtins()
     _REGISTRY[backend.name] = backend
+    if backend.name in _BUILTIN_NAMES:  # built-ins in AUTO's order, ahead of the others
+        builtin = {n: _REGISTRY[n] for n in _BUILTIN_NAMES if n in _REGISTRY}
+        rest = {n: b for n, b in _REGISTRY.items() if n not in builtin}
+        _REGISTRY.clear()
+        _REGISTRY.update({**builtin, **rest})
 
 
 def _load_builtins() -> None:
@@ -179,7 +193,7 @@ def select_backend(name: str, spec: KernelSpec, mods: Mods, option_keys=()) -> B
             )
         reasons = list(import_errors)
         for backend in knowing:
-            why = backend.supports(spec, mods)
+            why = backend.auto(spec, mods)
             if why is None:
                 return backend
             reasons.append(f"{backend.name}: {why}")
@@ -319,16 +333,17 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
             )
         spec = dataclasses.replace(spec, global_offsets=True)
     given = [key for key, _ in options.backend_options]
-    backend = select_backend(options.backend, spec, mods, given)
+    partitioned = offsets is None and partition.use_auto_partitioning()
+    # Under custom_partitioning each shard's kernels take index offsets: choose for that.
+    chosen_for = dataclasses.replace(spec, global_offsets=True) if partitioned else spec
+    backend = select_backend(options.backend, chosen_for, mods, given)
     backend_options = options.for_backend(backend)
     decode = uses_decode(spec, options.decode)
     if options.autotune:
         cfgs = autotune.tune(backend, spec, mods, q, k, v, tables, offsets, backend_options, decode)
     else:
         cfgs = backend.configs(spec, mods, backend_options, decode)
-    auto = None
-    if offsets is None and partition.use_auto_partitioning():
-        auto = tuple(sorted(backend_options.items()))
+    auto = tuple(sorted(backend_options.items())) if partitioned else None
     attend = vjp.attention_fn(backend, spec, mods.programs, cfgs, auto)
     args = (q, k, v, tables, tuple(mods.score_consts), tuple(mods.mask_consts), offsets)
     # Inside shard_map: every operand varies like the others, so autodiff sums the

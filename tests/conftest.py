@@ -21,7 +21,9 @@ def pytest_collection_modifyitems(config, items):
 
 # Every kernel backend the suites run against: a new backend joins by adding its
 # kernel_options["BACKEND"] name here (tests it cannot run skip with its reason).
-KERNEL_BACKENDS = ("TRITON",)
+# MOSAIC_GPU joins on a GPU only: in interpret mode its kernel takes seconds a call,
+# so the CPU suite covers it in tests/test_mosaic_gpu.py instead.
+KERNEL_BACKENDS = ("TRITON", "MOSAIC_GPU") if has_gpu() else ("TRITON",)
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)

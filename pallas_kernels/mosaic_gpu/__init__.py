@@ -1,0 +1,134 @@
+"""The Mosaic GPU backend: Hopper-native (sm90) kernels in Pallas Mosaic GPU (issue 18).
+
+Its own kernel is the forward (`fwd.flex_fwd`: TMA, a K/V ring filled by a
+producer warpgroup, two consumer warpgroups on wgmma taking turns). The
+backward and decode kernels are the Triton backend's, run from here with
+Triton's configs: a call on this backend differentiates like any other, and
+`describe` says which backend runs each kernel.
+
+`supports` says what it cannot run, so AUTO passes such a call on to the
+next backend and a forced `BACKEND="MOSAIC_GPU"` raises with the reason.
+AUTO tries this backend first for compiled calls on sm90 (measured faster
+than Triton there: bench/results/mosaic_gpu_h100_2026-11-28.md), and never
+in interpret mode, where Triton's interpreter is many times faster (force it
+with `kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
+
+Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
+"MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER") and
+`longest_first` ("MOSAIC_LONGEST_FIRST").
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels import dispatch
+from pallas_kernels.mosaic_gpu.fwd import CONSUMERS, SMEM_BYTES, FwdConfig, flex_fwd, smem_bytes
+from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
+from pallas_kernels.runtime import has_gpu
+from pallas_kernels.spec import KernelSpec, Mods
+from pallas_kernels.triton import TRITON
+
+__all__ = ["MOSAIC_GPU", "MosaicGpuBackend"]
+
+_DTYPES = ("float16", "bfloat16")
+_HEAD_DIMS = (64, 128)
+_KV_BLOCKS = (64, 128)
+_OPTIONS = {
+    "MOSAIC_STAGES": "stages",
+    "MOSAIC_SCHEDULE_BARRIER": "schedule_barrier",
+    "MOSAIC_LONGEST_FIRST": "longest_first",
+}
+
+
+def _is_sm90() -> bool:
+    try:
+        return any(str(getattr(d, "compute_capability", "")) == "9.0" for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+class MosaicGpuBackend(dispatch.Backend):
+    name = "MOSAIC_GPU"
+    option_keys = tuple(_OPTIONS)
+
+    def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
+        if not spec.interpret and not (has_gpu() and _is_sm90()):
+            return "compiled kernels need an sm90 GPU (H100/H200) and JAX has none"
+        if spec.dtype not in _DTYPES:
+            return f"it computes in {', '.join(_DTYPES)}, got {spec.dtype}"
+        if spec.E != spec.Ev or spec.E not in _HEAD_DIMS:
+            return f"head dims {_HEAD_DIMS} with E == Ev (E={spec.E}, Ev={spec.Ev})"
+        if spec.q_block_size != 64 * CONSUMERS or spec.kv_block_size not in _KV_BLOCKS:
+            return (
+                f"BlockMask blocks of {64 * CONSUMERS} x {_KV_BLOCKS} "
+                f"(got {spec.q_block_size} x {spec.kv_block_size})"
+            )
+        if spec.L % spec.q_block_size or spec.S % spec.kv_block_size:
+            return (
+                f"lengths that are multiples of the blocks (L={spec.L}, S={spec.S}, "
+                f"blocks {spec.q_block_size} x {spec.kv_block_size})"
+            )
+        if spec.global_offsets:
+            return "calls without index offsets only (no shards, chunks or decode positions)"
+        for program in mods.programs:
+            kinds = read_kinds(program)
+            if isinstance(kinds, str):
+                return kinds
+        return TRITON.supports(spec, mods)  # the backward and decode are Triton's
+
+    def auto(self, spec: KernelSpec, mods: Mods) -> str | None:
+        if spec.interpret:
+            return "interpret mode (the Triton kernels interpret much faster; force it by name)"
+        kinds = [read_kinds(p) for p in mods.programs]
+        if any(not isinstance(k, str) and (Q in k or KV in k) for k in kinds):
+            # Checked in interpret mode (races too), lowered for cuda, run at one GPU shape only.
+            return "staged captured-array reads (q_idx / kv_idx) have not yet run through the GPU test suites"
+        return self.supports(spec, mods)
+
+    def configs(self, spec, mods, options, decode):
+        triton = TRITON.configs(spec, mods, {}, decode)
+        values = {_OPTIONS[k]: v for k, v in options.items()}
+        fwd = FwdConfig(**values)
+        if smem_bytes(spec, fwd) > SMEM_BYTES:
+            raise ValueError(
+                f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
+                f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
+                f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
+            )
+        return dispatch.KernelConfigs(fwd=fwd, bwd=triton.bwd, decode=triton.decode)
+
+    def candidates(self, kind, spec, mods, fixed):
+        if kind != "fwd":
+            yield from TRITON.candidates(kind, spec, mods, {})
+            return
+        stages = [fixed["MOSAIC_STAGES"]] if "MOSAIC_STAGES" in fixed else [2, 3, 4]
+        barrier = fixed.get("MOSAIC_SCHEDULE_BARRIER")
+        for s in stages:
+            for sb in [barrier] if barrier is not None else [True, False]:
+                values = {"stages": s, "schedule_barrier": sb}
+                if smem_bytes(spec, FwdConfig(**values)) <= SMEM_BYTES:
+                    yield values, FwdConfig(**values)
+
+    def config_from(self, kind, values):
+        return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
+
+    def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):
+        return flex_fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
+
+    def decode(self, q, k, v, tables, mods, offsets, *, spec, cfg):
+        return TRITON.decode(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
+
+    def bwd(self, q, k, v, do, lse, delta, tables, mods, offsets, *, spec, cfg, grad_slots):
+        return TRITON.bwd(
+            q, k, v, do, lse, delta, tables, mods, offsets, spec=spec, cfg=cfg,
+            grad_slots=grad_slots,
+        )  # fmt: skip
+
+    def kernels(self) -> dict:
+        """Which backend runs each kernel of a call on this backend."""
+        return {"fwd": self.name, "bwd": TRITON.name, "decode": TRITON.name}
+
+
+MOSAIC_GPU = MosaicGpuBackend()
+dispatch.register(MOSAIC_GPU)

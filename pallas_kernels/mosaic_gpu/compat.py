@@ -1,0 +1,89 @@
+"""Pallas Mosaic GPU across the JAX versions flexjax supports (0.10.2 on CPUs, 0.11.x on GPUs).
+
+Every difference the kernels meet is here, nowhere else
+(research/mosaic_gpu/README.md has the table):
+  * lowering semantics: 0.10 defaults to Lane, 0.11 to Warpgroup; the
+    kernels are written for Lane (explicit register layouts) and say so;
+  * `plgpu.load(ref, idx, layout=)`: idx is required in 0.10;
+  * interpret mode (`InterpretGPUParams`): public in 0.11 only; 0.10's
+    interpreter has no rule for `layout_cast` or a layout-typed iota, and
+    cannot read a transposed shared-memory operand of wgmma; neither version
+    interprets an in-place accumulator (`run_state(ACC.init)`) or a register
+    left operand of wgmma, so interpret mode stages P through shared memory and
+    adds a fresh accumulator instead (the GPU path keeps P in registers).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+__all__ = [
+    "JAX_VERSION",
+    "compiler_params",
+    "interpret_params",
+    "iota",
+    "layout_cast",
+    "load_vector",
+    "matmul_nt",
+]
+
+JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA tile
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+def compiler_params(interpret: bool):
+    return plgpu.CompilerParams(
+        approx_math=not interpret, lowering_semantics=plgpu.LoweringSemantics.Lane
+    )
+
+
+def interpret_params(interpret: bool):
+    """The `interpret=` argument of plgpu.kernel: None on the GPU."""
+    return InterpretGPUParams() if interpret else None
+
+
+def layout_cast(x, layout, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def iota(shape, dim: int, interpret: bool):
+    """An int32 index tile in the WGMMA accumulator's layout (no relayout next to the scores)."""
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def load_vector(ref, layout, interpret: bool):
+    """A shared-memory vector into registers in `layout` (a row or column of a tile)."""
+    if interpret:
+        return ref[...]
+    if JAX_VERSION < (0, 11):
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def matmul_nt(q_smem, k_smem, shape, interpret: bool, after=None):
+    """q_smem @ k_smem.T into a fresh float32 accumulator (wgmma); `after()` runs once it is issued."""
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
+        if after is not None:
+            after()
+        return acc_ref[...]
+
+    if interpret and JAX_VERSION < (0, 11):
+        s = lax.dot_general(
+            q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        if after is not None:
+            after()
+        return s
+    return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))

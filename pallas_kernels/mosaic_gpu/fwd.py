@@ -1,0 +1,411 @@
+"""Block-sparse flex_attention forward in Pallas Mosaic GPU (sm90): FlashAttention-3's structure.
+
+One CTA per (query head, q-block row of the BlockMask, batch), three
+warpgroups:
+  * a producer (few registers) that TMA-loads the K/V tiles of the row's
+    kv blocks into a `stages`-deep shared-memory ring, each slot refilled once
+    both consumers have released it (consumed barriers);
+  * two consumers, each owning half of the q block (64 rows; the BlockMask's
+    q block is 128), with Q in shared memory, QK^T and PV on wgmma (the
+    accumulator and P in registers), the online softmax in float32 and base 2
+    (`softmax.score_units`); a schedule barrier makes them take turns, so one
+    runs its softmax while the other's matmuls use the tensor cores.
+
+The row's block list is the BlockMask's: first its partial blocks, where the
+mods run and the mask_mod's keep decides (`score_tile.TileMods`, on index
+tiles in the accumulator's register layout), then its full blocks, where only
+the score_mod runs. Both lists are copied once into shared memory and read
+as scalars by all three warpgroups; empty blocks cost nothing.
+
+Out and lse go back through shared memory with TMA stores. lse is natural
+log, -inf for rows that keep nothing (out 0 there, never NaN).
+
+What it does not run (the backend's `supports` says so and the Triton
+kernels run it): float32, head dims other than 64 and 128 or E != Ev, a q
+block other than 128, lengths that are not multiples of the blocks, index
+offsets (meshes, decode positions), captured-array reads at index
+tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import dispatch
+from pallas_kernels.mod_eval import eval_mod, kernel_dtype
+from pallas_kernels.mosaic_gpu import compat
+from pallas_kernels.mosaic_gpu.staging import KV, SCALAR, Q, read_kinds
+from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
+from pallas_kernels.score_tile import TileMods
+from pallas_kernels.softmax import LOG2E, MASKED_SCORE, scaled, score_units
+from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
+from pallas_kernels.tile_ops import TileOps
+from pallas_kernels.triton.launch import kernel_mods, mod_inputs
+
+__all__ = ["CONSUMERS", "SMEM_BYTES", "FwdConfig", "flex_fwd", "smem_bytes"]
+
+CONSUMERS = 2  # consumer warpgroups per CTA; each takes q_block_size // 2 rows
+_TABLE_ALIGN = 32  # int32 entries: TMA copies of a table row move whole 128-byte lines
+SMEM_BYTES = 227 * 1024  # shared memory a CTA may use on sm90
+
+
+def smem_bytes(spec: KernelSpec, cfg: FwdConfig) -> int:
+    """Shared memory of the forward kernel (an upper bound: swizzled buffers are 1 KiB aligned)."""
+    item = jnp.dtype(spec.dtype).itemsize
+    q_out = spec.q_block_size * spec.E * item
+    ring = 2 * cfg.stages * spec.kv_block_size * spec.E * item
+    tables = 2 * 4 * (spec.C + -spec.C % _TABLE_ALIGN)
+    return q_out + ring + spec.q_block_size * 4 + tables + 4 * 1024  # buffers 1 KiB aligned
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FwdConfig:
+    """stages: K/V ring depth; schedule_barrier: consumers take turns on the tensor cores;
+    longest_first: CTAs take the BlockMask's rows last to first (under a causal mask the
+    longest rows start first, and the short ones fill the last wave)."""
+
+    stages: int = 2
+    schedule_barrier: bool = True
+    longest_first: bool = True
+
+    def __post_init__(self):
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be >= 2 (a ring of K/V tiles)")
+
+
+def _smem(shape, dtype, interpret: bool):
+    """A shared-memory tile laid out for wgmma (Lane semantics declares the swizzle)."""
+    if interpret:
+        return plgpu.SMEM(shape, dtype)
+    row_bytes = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    elems = row_bytes // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(row_bytes))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _row_bcast(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+class _StartProbe(TileOps):
+    """Evaluates a mod on scalar indices to find where each staged read's slice starts.
+
+    Scalar reads load (their values may feed later indices); staged ones record
+    (ref, flat index) and return a stand-in 0 (the staging pass proved no index
+    depends on them).
+    """
+
+    def __init__(self, kinds):
+        self.kinds, self.found = iter(kinds), []
+
+    def gather(self, ref, flat):
+        if next(self.kinds) == SCALAR:
+            self.found.append(None)
+            return ref[flat]
+        self.found.append((ref, flat))
+        return jnp.zeros((), ref.dtype)
+
+
+def _read_dtype(mods: Mods, read) -> jnp.dtype:
+    """The kernel dtype of the captured array that staged read (program, load number) reads."""
+    program_index, load = read
+    program = mods.programs[program_index]
+    refs = [_DtypeRef(kernel_dtype(d)) for d in program.const_dtypes]
+    probe = _StartProbe(read_kinds(program))
+    args = (jnp.int32(0),) * 4 if program_index else (jnp.float32(0),) + (jnp.int32(0),) * 4
+    jax.eval_shape(lambda: eval_mod(program, refs, args, (), probe))
+    return probe.found[load][0].dtype
+
+
+class _DtypeRef:
+    """Stands in for a captured array's ref outside a kernel: its dtype, and zeros when read."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __getitem__(self, flat):
+        return jnp.zeros((), self.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "cfg"))
+def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpec, cfg: FwdConfig):
+    """q [B, Hq, L, E], k/v [Bkv, Hkv, S, E] in spec.layout's order -> out (q's dtype, the same
+    order) and lse f32 ([B, Hq, L], or [B, L, Hq] for BSHD)."""
+    dispatch.kernel_traced("MOSAIC_GPU", "fwd")
+    if offsets is not None:
+        raise ValueError("the Mosaic GPU forward takes no index offsets (supports() refuses them)")
+    interpret = spec.interpret
+    dtype = q.dtype
+    bq, bkv, D = spec.q_block_size // CONSUMERS, spec.kv_block_size, spec.E
+    stages, G = cfg.stages, spec.group_size
+    pre, to_base2 = score_units(spec.scale, mods.score is not None)
+    num, idx, full_num, full_idx = tables
+    idx, full_idx = (
+        jnp.pad(t, ((0, 0),) * 3 + ((0, -t.shape[-1] % _TABLE_ALIGN),)) for t in (idx, full_idx)
+    )
+    consts = mod_inputs(mods, None)
+    programs = kernel_mods(mods)["programs"]
+    n_score = len(mods.score_consts)
+    partial, full = spec.has_partial, spec.has_full
+    kinds = [read_kinds(p) for p in programs]
+    for why in kinds:
+        if isinstance(why, str):
+            raise ValueError(f"the Mosaic GPU forward cannot run this mod: {why}")
+    # The staged reads (program, load number) of each kind, in evaluation order.
+    q_reads = [(i, n) for i, k in enumerate(kinds) for n, kind in enumerate(k) if kind == Q]
+    kv_reads = [(i, n) for i, k in enumerate(kinds) for n, kind in enumerate(k) if kind == KV]
+    staged_reads = [r for r in q_reads + kv_reads]
+    staged_reads.sort()  # evaluation order: the score_mod's loads, then the mask_mod's
+
+    def at(b, h, rows):
+        """The index of a [rows, D] tile of a [B, H, seq, D] array in the call's layout."""
+        return (b, h, rows) if spec.layout is Layout.BHSD else (b, rows, h)
+
+    def body(q_ref, k_ref, v_ref, num_ref, idx_ref, fnum_ref, fidx_ref, *rest):
+        const_refs = rest[: len(consts)]
+        o_ref, lse_ref, scratch = rest[len(consts) :]
+        (qo_s, k_s, v_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
+         q_bar, k_bar, v_bar, t_bar, kc_bar, vc_bar, sched_bar) = scratch  # fmt: skip
+        refs = (const_refs[:n_score], const_refs[n_score:])
+        h, r, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        if cfg.longest_first:
+            r = spec.R - 1 - r
+        wg = lax.axis_index("wg")
+        bm = 0 if spec.mask_batch_broadcast else b
+        hm = 0 if spec.mask_head_broadcast else h
+        kv_b = 0 if spec.kv_batch_broadcast else b
+        kv_h = lax.div(h, jnp.int32(G)) if G > 1 else h
+        n_p = num_ref[bm, hm, r] if partial else jnp.int32(0)
+        n_f = fnum_ref[bm, hm, r] if full else jnp.int32(0)
+        n = n_p + n_f
+
+        def kv_block(j):
+            """The kv block of step j: the partial list, then the full one (scalars in SMEM)."""
+            if partial and full:
+                return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
+            return (tp_s if partial else tf_s)[j]
+
+        def starts(q0, kv0):
+            """{(program, load): (ref, flat index of its first element)} for q0 / kv0 scalars."""
+            found = {}
+            for i, program in enumerate(programs):
+                if program is None or not kinds[i]:
+                    continue
+                probe = _StartProbe(kinds[i])
+                args = (b, h, q0, kv0) if i else (jnp.float32(0), b, h, q0, kv0)
+                eval_mod(program, refs[i], args, (), probe)
+                found.update({(i, n): rf for n, rf in enumerate(probe.found) if rf is not None})
+            return found
+
+        def sched():
+            if cfg.schedule_barrier:
+                plgpu.barrier_arrive(sched_bar.at[0])
+                plgpu.barrier_wait(sched_bar.at[0])
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+            if partial:
+                plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, r], tp_s, t_bar.at[0])
+            if full:
+                plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, r], tf_s, t_bar.at[0])
+            plgpu.barrier_wait(t_bar.at[0])
+
+            def copy(ref, smem, bar, j, slot):
+                rows = pl.ds(kv_block(j) * bkv, bkv)
+                plgpu.copy_gmem_to_smem(ref.at[at(kv_b, kv_h, rows)], smem.at[slot], bar.at[slot])
+                if ref is k_ref and kv_reads:  # the mods' kv_idx slices ride K's barrier
+                    found = starts(r * (CONSUMERS * bq), kv_block(j) * bkv)
+                    for g, read in enumerate(kv_reads):
+                        src, start = found[read]
+                        plgpu.copy_gmem_to_smem(
+                            src.at[pl.ds(start, bkv)], kv_stage[g].at[slot], bar.at[slot]
+                        )
+
+            def fill(i):
+                @pl.when(i < n)
+                def _():
+                    copy(k_ref, k_s, k_bar, i, i)
+                    copy(v_ref, v_s, v_bar, i, i)
+
+            for i in range(stages):
+                fill(i)
+
+            def refill(j, _):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(kc_bar.at[slot])
+                copy(k_ref, k_s, k_bar, j, slot)
+                plgpu.barrier_wait(vc_bar.at[slot])
+                copy(v_ref, v_s, v_bar, j, slot)
+
+            lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
+            if interpret:  # observe the last releases (the interpreter checks every phase is seen)
+
+                def drain(j, _):
+                    plgpu.barrier_wait(kc_bar.at[lax.rem(j, stages)])
+                    plgpu.barrier_wait(vc_bar.at[lax.rem(j, stages)])
+
+                lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232, action="increase")
+            qo = qo_s.at[wg]
+            q_row0 = r * (CONSUMERS * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[at(b, h, pl.ds(q_row0, bq))], qo, q_bar.at[wg])
+            if q_reads:  # the mods' q_idx slices ride Q's barrier
+                found = starts(q_row0, jnp.int32(0))
+                for g, read in enumerate(q_reads):
+                    src, start = found[read]
+                    plgpu.copy_gmem_to_smem(
+                        src.at[pl.ds(start, bq)], q_stage[g].at[wg], q_bar.at[wg]
+                    )
+            plgpu.barrier_wait(t_bar.at[0])
+            plgpu.barrier_wait(q_bar.at[wg])
+            tile = (bq, bkv)
+            ops = MosaicTileOps(interpret, tile)
+            q_tiles = {
+                read: lax.broadcast_in_dim(
+                    compat.load_vector(q_stage[g].at[wg], compat.ROW, interpret), tile, [0]
+                )
+                for g, read in enumerate(q_reads)
+            }
+            mods_ = TileMods(spec, programs, const_refs[:n_score], const_refs[n_score:], None, ops)
+
+            acc = compat.layout_cast(jnp.zeros((bq, D), jnp.float32), compat.WGMMA, interpret)
+            m_i = compat.layout_cast(
+                jnp.full((bq,), MASKED_SCORE, jnp.float32), compat.ROW, interpret
+            )
+            l_i = compat.layout_cast(jnp.zeros((bq,), jnp.float32), compat.ROW, interpret)
+
+            @pl.when(n > 0)
+            def _():
+                plgpu.barrier_wait(k_bar.at[0])
+
+            pl.when(wg == 1)(sched)
+
+            def step(j, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                # The kv_idx slices share K's slot: read them before releasing it (the
+                # producer refills both once the consumers arrive on kc_bar).
+                staged = dict(q_tiles)
+                for g, read in enumerate(kv_reads):
+                    if read[0] == 0 or masked:  # the mask_mod runs in partial blocks only
+                        vec = compat.load_vector(kv_stage[g].at[slot], compat.COL, interpret)
+                        staged[read] = lax.broadcast_in_dim(vec, tile, [1])
+                s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
+                plgpu.barrier_arrive(kc_bar.at[slot])
+                s = scaled(s, pre)
+                if masked or mods_.score is not None:
+                    q_idx = q_row0 + ops.iota(tile, 0)
+                    kv_idx = kv_block(j) * bkv + ops.iota(tile, 1)
+                    order = [read for read in staged_reads if read[0] == 0 or masked]
+                    ops.staged = iter(staged[read] for read in order)
+                    s, _, _ = mods_.apply(s, b, h, q_idx, kv_idx, masked)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
+                p = jnp.exp2(s * to_base2 - _row_bcast(m_base2, tile))
+                alpha = jnp.exp2(m_i * to_base2 - m_base2)
+                acc = acc * _row_bcast(alpha, acc.shape)
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                if cfg.schedule_barrier:  # done with the softmax: the other consumer's turn
+                    plgpu.barrier_arrive(sched_bar.at[0])
+                plgpu.barrier_wait(v_bar.at[slot])
+                if cfg.schedule_barrier:
+                    plgpu.barrier_wait(sched_bar.at[0])
+
+                def wait_next_k():
+                    nxt = j + 1
+
+                    @pl.when(nxt < n)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
+
+                if interpret:  # no register-LHS wgmma nor in-place accumulator: stage P, add
+                    p_s.at[wg][...] = p16
+                    plgpu.commit_smem()
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
+                        wait_next_k()
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+                else:
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_s.at[slot])
+                        wait_next_k()
+
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(vc_bar.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            if partial:
+                carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
+            if full:
+                carry = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(sched)
+
+            empty = l_i == 0.0
+            l_safe = jnp.where(empty, 1.0, l_i)
+            m_nat = jnp.where(m_i == MASKED_SCORE, 0.0, m_i) * (to_base2 / LOG2E)
+            lse = jnp.where(empty, MASKED_SCORE, m_nat + jnp.log(l_safe))
+            qo[...] = (acc / _row_bcast(l_safe, acc.shape)).astype(dtype)
+            lse_s.at[wg][...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo, o_ref.at[at(b, h, pl.ds(q_row0, bq))])
+            plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[b, h, pl.ds(q_row0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = (
+        _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then out
+        _smem((stages, bkv, D), dtype, interpret),  # K ring
+        _smem((stages, bkv, D), dtype, interpret),  # V ring
+        plgpu.SMEM((CONSUMERS, bq, bkv), dtype) if interpret else None,  # P (interpret mode)
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # lse
+        plgpu.SMEM(idx.shape[-1:], jnp.int32) if partial else None,  # the row's partial blocks
+        plgpu.SMEM(full_idx.shape[-1:], jnp.int32) if full else None,  # and its full blocks
+        tuple(plgpu.SMEM((CONSUMERS, bq), _read_dtype(mods, r)) for r in q_reads),
+        tuple(plgpu.SMEM((stages, bkv), _read_dtype(mods, r)) for r in kv_reads),
+        plgpu.Barrier(num_arrivals=1 + len(q_reads), num_barriers=CONSUMERS),  # Q (+ q slices)
+        plgpu.Barrier(num_arrivals=1 + len(kv_reads), num_barriers=stages),  # K (+ kv slices)
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
+        plgpu.Barrier(num_arrivals=int(partial) + int(full), num_barriers=1),  # tables
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K slot consumed
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V slot consumed
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None,
+    )
+    kernel = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.L, D), dtype),
+            jax.ShapeDtypeStruct((spec.B, spec.Hq, spec.L), jnp.float32),  # lse: rows contiguous
+        ),
+        scratch_types=[scratch],
+        grid=(spec.Hq, spec.R, spec.B),
+        grid_names=("h", "q", "b"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=compat.compiler_params(interpret),
+        **({"interpret": compat.interpret_params(True)} if interpret else {}),
+    )
+    out, lse = kernel(q, k, v, num, idx, full_num, full_idx, *consts)
+    if (
+        spec.layout is Layout.BSHD
+    ):  # lse [B, L, H] like out's order (TMA stores need rows contiguous)
+        lse = jnp.swapaxes(lse, 1, 2)
+    return out, lse

@@ -1,0 +1,284 @@
+"""The Mosaic GPU backend (issue 18): its forward kernel, what it refuses, and how it falls back.
+
+On the CPU the kernel runs in Mosaic GPU's interpret mode (warpgroups as
+threads, TMA and barriers simulated; about 6 s a call at these sizes), P
+staged through shared memory as the interpreter needs, and is lowered for
+cuda (the Mosaic GPU MLIR is built on the CPU, which catches layout and
+lowering errors of the GPU path: register P, in-place accumulation, layout
+typed index tiles). The GPU suite (`-m gpu`) runs the compiled kernel
+against the reference, and the kernel suites add MOSAIC_GPU to their backend
+axis there (conftest.KERNEL_BACKENDS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_qkv
+
+import flexjax as fj
+from flexjax.api import prepare
+from flexjax.reference import flex_attention_reference
+from pallas_kernels import dispatch
+from pallas_kernels.mosaic_gpu import MOSAIC_GPU, compat
+from pallas_kernels.mosaic_gpu.fwd import FwdConfig, flex_fwd
+from pallas_kernels.spec import KernelSpec, Layout
+
+MOSAIC = {"BACKEND": "MOSAIC_GPU"}
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _causal(b, h, q, kv):
+    return q >= kv
+
+
+def _window(b, h, q, kv):
+    return jnp.abs(q - kv) <= 40
+
+
+def _alibi(score, b, h, q, kv):
+    return score - (h + 1) * 0.05 * jnp.abs(q - kv)
+
+
+def _softcap(score, b, h, q, kv):
+    return 20.0 * jnp.tanh(score / 20.0)
+
+
+def _late_start(b, h, q, kv):  # rows below 100 keep nothing: out 0, lse -inf
+    return (q >= 100) & (kv <= q)
+
+
+def _documents(S):
+    """A document mask (causal within documents) over ids captured as an array: doc[q], doc[kv]."""
+    cuts = np.sort(np.random.default_rng(S).choice(np.arange(1, S), 4, replace=False))
+    doc = jnp.asarray(np.searchsorted(cuts, np.arange(S), side="right").astype(np.int32))
+    return lambda b, h, q, kv: (q >= kv) & (doc[q] == doc[kv])
+
+
+def _kv_bias(S, H):
+    """A score_mod reading bias[h, kv_idx] (float) and a 0-d capture."""
+    bias = jax.random.normal(jax.random.key(S), (H, S), jnp.float32)
+    temp = jnp.float32(0.9)
+    return lambda score, b, h, q, kv: score * temp + bias[h, kv]
+
+
+def _check(out, lse, ref, ref_lse, tol):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=1e-3, rtol=1e-3)
+
+
+CASES = {
+    # name: (sizes B, Hq, Hkv, S, D), dtype, score_mod, mask_mod, BLOCK_SIZE
+    "dense f16 D64": ((1, 2, 2, 256, 64), jnp.float16, None, None, 128),
+    "causal bf16 kv64": ((1, 1, 1, 256, 64), jnp.bfloat16, None, _causal, (128, 64)),
+    "alibi causal gqa": ((2, 4, 2, 256, 64), jnp.bfloat16, _alibi, _causal, 128),
+    "softcap window D128": ((1, 1, 1, 384, 128), jnp.float16, _softcap, _window, (128, 64)),
+    "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start, 128),
+    "documents + kv bias (staged)": (
+        (1, 2, 2, 256, 64),
+        jnp.bfloat16,
+        _kv_bias(256, 2),
+        _documents(256),
+        (128, 64),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_reference_in_interpret_mode(name):
+    (B, Hq, Hkv, S, D), dtype, score_mod, mask_mod, block = CASES[name]
+    q, k, v = random_qkv(hash(name) % 1000, B, Hq, S, S, D, Hkv=Hkv, dtype=dtype)
+    bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=block)
+    gqa = Hq != Hkv
+    before = dispatch.trace_count("fwd", "MOSAIC_GPU")
+    out, lse = fj.flex_attention(
+        q, k, v, score_mod, bm, enable_gqa=gqa, return_lse=True, kernel_options=MOSAIC
+    )
+    assert dispatch.trace_count("fwd", "MOSAIC_GPU") == before + 1  # this backend's kernel ran
+    qr, kr, vr = (x.astype(jnp.float32) for x in (q, k, v))
+    ref, ref_lse = flex_attention_reference(
+        qr, kr, vr, score_mod, bm, enable_gqa=gqa, return_lse=True
+    )
+    _check(out, lse, ref, ref_lse, TOL[dtype])
+
+
+def test_jax_layout_bshd_matches_bhsd():
+    """dot_product_attention's [B, T, N, H] arrays: TMA tiles strided over heads, lse [B, T, N]."""
+    S = 256
+    q, k, v = random_qkv(9, 1, 2, S, S, 64, dtype=jnp.bfloat16)
+    bm = fj.create_block_mask(_causal, 1, 1, S, S)
+    out, lse = fj.flex_attention(q, k, v, _alibi, bm, return_lse=True, kernel_options=MOSAIC)
+    t = lambda x: jnp.swapaxes(x, 1, 2)
+    out2, lse2 = fj.dot_product_attention(
+        t(q), t(k), t(v), _alibi, bm, return_lse=True, kernel_options=MOSAIC
+    )
+    np.testing.assert_array_equal(np.asarray(t(out2)), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(t(lse2)), np.asarray(lse))
+
+
+def test_barrier_protocol_has_no_races(monkeypatch):
+    """The interpreter's vector clocks check producer/consumer/schedule barriers and TMA."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    monkeypatch.setattr(compat, "interpret_params", lambda _: InterpretGPUParams(detect_races=True))
+    S = 384  # 3 q rows, up to 6 kv tiles: the ring wraps (stages=2) and slots are refilled
+    q, k, v = random_qkv(11, 1, 1, S, S, 64, dtype=jnp.bfloat16)
+    # Staged reads too: the kv_idx slices ride the K ring and are refilled with it.
+    score_mod, mask_mod = _kv_bias(S, 1), _documents(S)
+    bm = fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=(128, 64))
+    options = {**MOSAIC, "MOSAIC_STAGES": 2}
+    out = fj.flex_attention(q, k, v, score_mod, bm, kernel_options=options)
+    assert not ipc.get_races().races_found
+    qkv = (x.astype(jnp.float32) for x in (q, k, v))
+    ref = flex_attention_reference(*qkv, score_mod, block_mask=bm)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_gradients_use_the_triton_backward_and_match_it():
+    S = 256
+    q, k, v = random_qkv(5, 1, 2, S, S, 64, dtype=jnp.float16)
+    bm = fj.create_block_mask(_causal, 1, 1, S, S)
+
+    def loss(q, k, v, backend):
+        out = fj.flex_attention(q, k, v, _alibi, bm, kernel_options={"BACKEND": backend})
+        return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(64.0)))
+
+    before = dispatch.trace_count("dq", "TRITON")
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "MOSAIC_GPU")
+    assert dispatch.trace_count("dq", "TRITON") > before
+    want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "TRITON")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2)
+    assert MOSAIC_GPU.kernels() == {"fwd": "MOSAIC_GPU", "bwd": "TRITON", "decode": "TRITON"}
+
+
+LOWER_CASES = {
+    "dense D64": (64, None, None, 128),
+    "dense D128": (128, None, None, 128),
+    "causal D128": (128, None, _causal, 128),
+    "alibi causal": (128, _alibi, _causal, 128),
+    "softcap": (64, _softcap, None, 128),
+    "window kv64": (64, None, _window, (128, 64)),
+    "documents + kv bias (staged)": (128, _kv_bias(512, 2), _documents(512), 128),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWER_CASES))
+def test_gpu_kernel_lowers_for_cuda(name):
+    """The compiled path (register P, in-place accumulator, layout-typed index tiles) lowers."""
+    D, score_mod, mask_mod, block = LOWER_CASES[name]
+    S = 512
+    q = k = v = jnp.zeros((1, 2, S, D), jnp.bfloat16)
+    bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=block)
+    call = prepare(q, k, v, score_mod, bm, kernel_options={"interpret": False})
+    alt = FwdConfig(stages=4 if D == 64 else 2, schedule_barrier=False, longest_first=False)
+    bshd = dataclasses.replace(call.spec, layout=Layout.BSHD)  # [B, S, H, D] tiles
+    for cfg, spec in ((FwdConfig(), call.spec), (alt, call.spec), (FwdConfig(), bshd)):
+        f = jax.jit(
+            lambda q, k, v, t, m, cfg=cfg, spec=spec: flex_fwd(
+                q, k, v, t, m, None, spec=spec, cfg=cfg
+            )
+        )
+        x = q if spec.layout is Layout.BHSD else jnp.swapaxes(q, 1, 2)
+        lowered = f.trace(x, x, x, call.tables.rows, call.mods).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
+    S = 256
+    q, k, v = random_qkv(1, 1, 2, S, S, 64, dtype=jnp.float16)
+    call = prepare(q, k, v)
+    spec, mods = call.spec, call.mods
+    assert MOSAIC_GPU.supports(spec, mods) is None
+    replace = lambda **kw: KernelSpec(**{**spec.__dict__, **kw})
+    reasons = {
+        "float32": replace(dtype="float32"),
+        "head dims (64, 128)": replace(E=96, Ev=96),
+        "BlockMask blocks of 128": replace(q_block_size=64, R=4),
+        "multiples of the blocks": replace(L=200),
+        "index offsets": replace(global_offsets=True),
+    }
+    for words, bad in reasons.items():
+        assert words in MOSAIC_GPU.supports(bad, mods)
+    assert MOSAIC_GPU.supports(replace(layout=Layout.BSHD), mods) is None  # both layouts
+    doc = jnp.asarray(np.repeat(np.arange(4), 64).astype(np.int32))
+    halves = fj.create_block_mask(lambda b, h, q, kv: doc[q // 2] == doc[kv], 1, 1, S, S)
+    why = MOSAIC_GPU.supports(spec, prepare(q, k, v, None, halves).mods)
+    assert "not q_idx or kv_idx plus a constant" in why
+    with pytest.raises(dispatch.BackendUnavailable, match="MOSAIC_GPU.*only contiguous slices"):
+        fj.flex_attention(q, k, v, block_mask=halves, kernel_options=MOSAIC)
+    docs = prepare(q, k, v, None, fj.create_block_mask(_documents(S), 1, 1, S, S)).mods
+    assert MOSAIC_GPU.supports(spec, docs) is None  # staged through shared memory
+    assert "not yet run through the GPU test suites" in MOSAIC_GPU.auto(
+        replace(interpret=False), docs
+    )
+    with pytest.raises(dispatch.BackendUnavailable, match="float16, bfloat16"):
+        fj.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), kernel_options=MOSAIC)
+    assert dispatch.select_backend("AUTO", spec, mods).name == "TRITON"  # interpret mode
+    import pallas_kernels.mosaic_gpu as mosaic_backend
+    import pallas_kernels.triton as triton_backend
+
+    for module in (mosaic_backend, triton_backend):
+        monkeypatch.setattr(module, "has_gpu", lambda: True)
+    monkeypatch.setattr(mosaic_backend, "_is_sm90", lambda: True)
+    compiled = replace(interpret=False)
+    assert dispatch.select_backend("AUTO", compiled, mods).name == "MOSAIC_GPU"  # sm90
+    assert (
+        dispatch.select_backend("AUTO", replace(interpret=False, E=96, Ev=96), mods).name
+        == "TRITON"
+    )
+    monkeypatch.setattr(mosaic_backend, "_is_sm90", lambda: False)  # an A100
+    assert dispatch.select_backend("AUTO", compiled, mods).name == "TRITON"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="MOSAIC_STAGES"):
+        fj.flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON", "MOSAIC_STAGES": 3})
+    with pytest.raises(ValueError, match="stages=1 must be >= 2"):
+        fj.flex_attention(q, k, v, kernel_options={**MOSAIC, "MOSAIC_STAGES": 1})
+    big = [x.astype(jnp.bfloat16) for x in random_qkv(2, 1, 1, S, S, 128)]
+    with pytest.raises(ValueError, match="MOSAIC_STAGES=3: .* use fewer stages"):
+        fj.flex_attention(*big, kernel_options={**MOSAIC, "MOSAIC_STAGES": 3})
+
+
+GPU_CASES = [
+    ("causal", None, _causal, 128, 64, jnp.float16),
+    ("causal", None, _causal, 128, 128, jnp.bfloat16),
+    ("alibi window", _alibi, _window, (128, 64), 128, jnp.bfloat16),
+    ("softcap dense", _softcap, None, 128, 64, jnp.float16),
+    ("empty rows", None, _late_start, 128, 128, jnp.float16),
+    ("documents kv bias staged", _kv_bias(2048, 4), _documents(2048), 128, 128, jnp.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}")
+def test_compiled_forward_matches_reference_on_gpu(case):
+    name, score_mod, mask_mod, block, D, dtype = case
+    B, H, S = 2, 4, 2048
+    q, k, v = random_qkv(7, B, H, S, S, D, dtype=dtype)
+    bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=block)
+    out, lse = jax.jit(
+        lambda q, k, v: fj.flex_attention(
+            q, k, v, score_mod, bm, return_lse=True, kernel_options=MOSAIC
+        )
+    )(q, k, v)
+    ref, ref_lse = flex_attention_reference(
+        *(x.astype(jnp.float32) for x in (q, k, v)), score_mod, bm, return_lse=True
+    )
+    _check(out, lse, ref, ref_lse, TOL[dtype])
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # the same call in jax.nn's [B, T, N, H] layout
+    out2, lse2 = jax.jit(
+        lambda q, k, v: fj.dot_product_attention(
+            q, k, v, score_mod, bm, return_lse=True, kernel_options=MOSAIC
+        )
+    )(t(q), t(k), t(v))
+    np.testing.assert_array_equal(np.asarray(t(out2)), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(t(lse2)), np.asarray(lse))
