@@ -304,6 +304,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                         vec = compat.load_vector(kv_stage[g].at[slot], compat.COL, interpret)
                         staged[read] = lax.broadcast_in_dim(vec, tile, [1])
                 s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
+                if kv_reads:  # order those ordinary reads before the TMA that refills the slot
+                    plgpu.commit_smem()  # (fence.proxy.async; jax 0.11's interpreter checks it)
                 plgpu.barrier_arrive(kc_bar.at[slot])
                 s = scaled(s, pre)
                 if masked or mods_.score is not None:
