@@ -8,7 +8,9 @@ Rows per example (each where it can express the example):
   FlexAttention  torch flex_attention under torch.compile
   jax cuDNN      jax.nn.dot_product_attention(implementation="cudnn"): no mask, causal,
                  or a causal sliding window
-  flexjax        flexjax.flex_attention (Pallas kernels)
+  flexjax        flexjax.flex_attention (Pallas kernels; AUTO's backend choice)
+  flexjax <B>    with --backends: the same call pinned to kernel backend B
+                 (kernel_options BACKEND; "refused: ..." where B cannot run it)
 
 Columns: FW ms, FW TFLOP/s, BW ms (backward alone), BW TFLOP/s, density, check.
 FLOPs count the useful work of the example: forward 4 * B * H * Q_LEN * KV_LEN * D
@@ -55,6 +57,7 @@ from timing import TIMERS  # noqa: E402
 
 import flexjax as fj  # noqa: E402
 from flexjax.examples import EXAMPLES  # noqa: E402
+from pallas_kernels.dispatch import BackendUnavailable  # noqa: E402
 from pallas_kernels.runtime import has_gpu  # noqa: E402
 from torch_bridge import tensor_to_jax  # noqa: E402
 
@@ -119,8 +122,10 @@ def cudnn_attend(name, case):
     return attend
 
 
-def run_example(name, scale, reps, gpu, overrides=None, timer="default", impls=None):
-    """One example's rows; impls: the rows to time (FlexAttention and flexjax always run)."""
+def run_example(name, scale, reps, gpu, overrides=None, timer="default", impls=None,
+                backends=()):  # fmt: skip
+    """One example's rows; impls: the rows to time (FlexAttention and flexjax always run);
+    backends: kernel backends to time flexjax on, one row each."""
     impls = set(IMPLS if impls is None else impls) | {"FlexAttention", "flexjax"}
     case = EXAMPLES[name].case(scale, **(overrides or {}))
     dev = "cuda" if gpu else "cpu"
@@ -199,8 +204,29 @@ def run_example(name, scale, reps, gpu, overrides=None, timer="default", impls=N
     if t_grads is not None:
         check = max([check] + [rel_err(a, b) for a, b in zip(grads, t_grads, strict=True)])
     add("flexjax", fw, bw, density, check)
+    for backend in backends:
+        options = {"BACKEND": backend}
+        pinned = lambda q, k, v, o=options: fj.flex_attention(
+            q, k, v, case.score_mod, bm, kernel_options=o
+        )
+        try:
+            fw, bw, out, grads = jax_row(pinned, jq, jk, jv, jdout, reps, timer)
+        except BackendUnavailable as e:
+            add(f"flexjax {backend}", None, None, density, None, f"refused: {_reason(e)}")
+            continue
+        check = rel_err(out, t_out)
+        if t_grads is not None:
+            check = max([check] + [rel_err(a, b) for a, b in zip(grads, t_grads, strict=True)])
+        add(f"flexjax {backend}", fw, bw, density, check)
     shape = dict(B=B, H=H, Q_LEN=L, KV_LEN=S, D=D, dtype=str(dtype).replace("torch.", ""))
-    return dict(example=name, shape=shape, rows=[results[i] for i in IMPLS if i in results])
+    order = [*IMPLS, *(f"flexjax {b}" for b in backends)]
+    return dict(example=name, shape=shape, rows=[results[i] for i in order if i in results])
+
+
+def _reason(e: Exception) -> str:
+    """A backend's refusal, short enough for a table cell."""
+    text = str(e).split("cannot run this call: ", 1)[-1].split(". Use BACKEND")[0]
+    return text if len(text) <= 90 else text[:87] + "..."
 
 
 def fmt(x, spec):
@@ -249,13 +275,23 @@ def markdown(meta, examples):
         "| example | FW | BW |",
         "|---|---|---|",
     ]
+    pinned = (
+        [r["impl"] for r in examples[0]["rows"] if r["impl"].startswith("flexjax ")]
+        if examples
+        else []
+    )
+    if pinned:  # one FW and one BW ratio per pinned backend
+        lines[-2] = "| example | FW | BW | " + " | ".join(f"{p} FW | {p} BW" for p in pinned) + " |"
+        lines[-1] = "|---|---|---|" + "---|---|" * len(pinned)
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"
     for ex in examples:
         rows = {r["impl"]: r for r in ex["rows"]}
-        t, j = rows["FlexAttention"], rows["flexjax"]
-        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"
-        lines.append(
-            f"| {ex['example']} | {ratio(j['fw_ms'], t['fw_ms'])} | {ratio(j['bw_ms'], t['bw_ms'])} |"
-        )
+        t = rows["FlexAttention"]
+        cells = []
+        for impl in ["flexjax", *pinned]:
+            j = rows.get(impl, {"fw_ms": None, "bw_ms": None})
+            cells += [ratio(j["fw_ms"], t["fw_ms"]), ratio(j["bw_ms"], t["bw_ms"])]
+        lines.append(f"| {ex['example']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +367,12 @@ def main(argv=None):
         "--impls", nargs="+", choices=IMPLS, default=None,
         help="rows to time (default: all); FlexAttention and flexjax always run",
     )  # fmt: skip
+    p.add_argument(
+        "--backends", default="",
+        help="comma-separated kernel backends (TRITON,MOSAIC_GPU): a flexjax row pinned to each",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    backends = tuple(b.strip().upper() for b in args.backends.split(",") if b.strip())
     overrides = {d: getattr(args, d) for d in ("B", "H", "S", "D") if getattr(args, d)}
     if args.dtype:
         overrides["dtype"] = jnp.dtype(args.dtype)
@@ -354,7 +395,9 @@ def main(argv=None):
             print(f"time budget spent: not run {args.examples[i - 1 :]}", flush=True)
             break
         t0 = time.perf_counter()
-        examples.append(run_example(name, scale, reps, gpu, overrides, args.timer, args.impls))
+        examples.append(
+            run_example(name, scale, reps, gpu, overrides, args.timer, args.impls, backends)
+        )
         print(f"[{i}/{len(args.examples)}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         if args.out:  # keep what is done if a later example fails or time runs out
             with open(args.out + ".json", "w") as fh:

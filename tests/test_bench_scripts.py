@@ -12,14 +12,18 @@ def test_seed_table_writes_markdown_json_and_chart(tmp_path):
     out = tmp_path / "table"
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "bench/seed_table.py", "--examples", "causal", "--out", str(out)]
+    cmd += ["--backends", "TRITON,MOSAIC_GPU"]  # a row per backend (Mosaic refuses float32)
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     saved = json.loads((tmp_path / "table.json").read_text())
     rows = {r["impl"]: r for r in saved["examples"][0]["rows"]}
-    assert set(rows) == {"causal FA2", "F.sdpa + mask", "FlexAttention", "flexjax"}
+    backends = {"flexjax TRITON", "flexjax MOSAIC_GPU"}
+    assert set(rows) == {"causal FA2", "F.sdpa + mask", "FlexAttention", "flexjax", *backends}
+    assert rows["flexjax TRITON"]["check"] < 1e-4 and rows["flexjax TRITON"]["fw_ms"] > 0
+    assert rows["flexjax MOSAIC_GPU"]["note"].startswith("refused: it computes in float16")
     assert rows["flexjax"]["check"] < 1e-4 and rows["F.sdpa + mask"]["check"] < 1e-4
     assert rows["flexjax"]["fw_ms"] > 0 and rows["flexjax"]["bw_ms"] > 0
     text = (tmp_path / "table.md").read_text()
-    assert "| flexjax |" in text and "time ratio" in text
+    assert "| flexjax |" in text and "time ratio" in text and "flexjax MOSAIC_GPU FW" in text
     assert (tmp_path / "table.png").stat().st_size > 10_000
 
 
