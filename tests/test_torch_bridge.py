@@ -20,6 +20,7 @@ from torch.nn.attention import flex_attention as tfa
 
 import flexjax as fj
 import torch_bridge as tb
+import torch_bridge.attention as bridge
 from flexjax import masks, mods
 from flexjax.examples import EXAMPLES
 
@@ -383,18 +384,66 @@ def test_bshd_views_run_without_copies_and_match_contiguous_inputs():
         assert g.shape == r.shape
         assert_close(g, r, F32_TOL, n)
     copied = []
-    to_jax = bridge.tensors_to_jax
 
-    def recording(tensors, *a, **kw):
-        copied.extend(not t.is_contiguous() for t in tensors)
-        return to_jax(tensors, *a, **kw)
+    def recording(convert):
+        def record(tensors, *a, **kw):
+            copied.extend(not t.is_contiguous() for t in tensors)
+            return convert(tensors, *a, **kw)
 
-    bridge.tensors_to_jax = recording
+        return record
+
+    originals = {name: getattr(bridge, name) for name in ("tensors_to_jax", "import_checked")}
+    for name, convert in originals.items():
+        setattr(bridge, name, recording(convert))
     try:
         run(*views)
     finally:
-        bridge.tensors_to_jax = to_jax
+        for name, convert in originals.items():
+            setattr(bridge, name, convert)
     assert copied == [False, False, False]  # every tensor crossed as it lies in memory
+
+
+def test_repeated_call_structures_are_checked_once_and_stay_correct(monkeypatch):
+    """A call structure seen before skips the checks (`_plan_key`), with new tensors and a new
+    closure over new captured values each call; anything that changes the structure is
+    checked again, and bad input still raises after a good call of the same shapes."""
+    calls = []
+    checked = bridge.checked_static_call
+    monkeypatch.setattr(
+        bridge, "checked_static_call", lambda *a, **kw: calls.append(1) or checked(*a, **kw)
+    )
+    B, H, L, D = 1, 2, 64, 16
+
+    def slope_mod(slope):  # a new closure over a new 0-d array each call
+        return lambda s, b, h, qi, kv: s + slope * (qi - kv) / L
+
+    bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, L, BLOCK_SIZE=16)
+    dense = tfa.create_mask(torch_twins.causal_mask, 1, 1, L, L, device="cpu")
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+        out = tb.flex_attention(q, k, v, slope_mod(jnp.float32(0.5 * step + 0.25)), bm)
+        twin = lambda s, b, h, qi, kv, c=0.5 * step + 0.25: s + c * (qi - kv) / L
+        ref, _ = dense_torch_attention(q, k, v, twin, dense, D**-0.5)
+        assert_close(out, ref, F32_TOL, f"step {step}")
+    assert len(calls) == 1
+    tq, tk, tv = (leaf(torch.randn(B, H, L, D, generator=gen)) for _ in range(3))
+    out = tb.flex_attention(tq, tk, tv, block_mask=bm)
+    grads = torch.autograd.grad(out.sum(), (tq, tk, tv))
+    ref, _ = dense_torch_attention(tq, tk, tv, None, dense, D**-0.5)
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), (tq, tk, tv)), strict=True):
+        assert_close(g, r, F32_TOL, "grad")
+    tb.flex_attention(q, k, v, block_mask=bm)  # no grad: the same plan again
+    assert len(calls) == 2  # the score_mod's program differs from the first plan's
+    tb.flex_attention(q, k, v, block_mask=bm, scale=0.3)
+    tb.flex_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, block_mask=bm)
+    assert len(calls) == 4  # a new scale, new strides: checked again
+    with pytest.raises(ValueError, match="scale"):
+        tb.flex_attention(q, k, v, block_mask=bm, scale=float("nan"))
+    with pytest.raises(TypeError, match="float64"):
+        tb.flex_attention(q.double(), k, v, block_mask=bm)
+    with pytest.raises(ValueError, match="BACKEND"):
+        tb.flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "NOPE"})
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ gradients.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -33,9 +34,16 @@ import flexjax
 from flexjax import BlockMask
 from flexjax.api import checked_static_call, jitted_call
 from flexjax.block_mask import DEFAULT_SPARSE_BLOCK_SIZE
+from flexjax.input_checks import check_score_mod
+from pallas_kernels import dispatch
 from pallas_kernels.spec import Layout
 from torch_bridge.block_mask import from_torch_block_mask
-from torch_bridge.convert import array_to_torch, check_same_device, tensors_to_jax
+from torch_bridge.convert import (
+    arrays_to_torch,
+    check_same_device,
+    import_checked,
+    tensors_to_jax,
+)
 from torch_bridge.mods import captured_tensors, jax_arrays, rebuild, with_jax_arrays
 
 __all__ = ["create_block_mask", "flex_attention"]
@@ -82,14 +90,14 @@ def _apply_pullback(pullback, cotangents):
 class _FlexAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, layout, query, key, value, *captured):
-        """call(q, k, v, captured arrays) -> (out, lse, pullback or None): jax arrays.
+        """call(query, key, value, *captured) -> (out, lse, pullback or None): jax arrays.
 
         With layout BSHD, q/k/v/out and their gradients cross as [B, L, H, D]
         memory (torch sees [B, H, L, D] views of it), lse as [B, L, H].
         """
         ctx.layout = layout
-        out, lse, ctx.pullback = call(*_jax_inputs(layout, query, key, value, captured))
-        t_out, t_lse = (_from(layout, array_to_torch(x)) for x in (out, lse))
+        out, lse, ctx.pullback = call(query, key, value, *captured)
+        t_out, t_lse = (_from(layout, x) for x in arrays_to_torch((out, lse), query.device))
         ctx.save_for_backward(query, key, value, *captured, t_out, t_lse)
         return t_out, t_lse
 
@@ -105,7 +113,7 @@ class _FlexAttentionFunction(torch.autograd.Function):
         d_out, d_lse = tensors_to_jax(
             (_to(layout, d_out), _to(layout, d_lse)), ("grad of out", "grad of lse")
         )
-        grads = [array_to_torch(g) for g in ctx.pullback((d_out, d_lse))]
+        grads = arrays_to_torch(ctx.pullback((d_out, d_lse)), t_out.device)
         ctx.pullback = None  # free the residuals
         return (None, None, *(_from(layout, g) for g in grads[:3]), *grads[3:])
 
@@ -180,17 +188,150 @@ def flex_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if mask_mod is None and (block_mask is None or isinstance(block_mask, BlockMask)):
+        if not captured_tensors(score_mod):
+            return _planned_call(
+                query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                kernel_options,
+            )  # fmt: skip
+    return _general_call(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+        mask_mod,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls whose mods capture no torch tensor: checked once per structure, then a short path
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the checks decided for one call structure (`_plan_key`), reused by later calls.
+
+    layout: the memory order q/k/v cross in; static: `jitted_call`'s static arguments;
+    contiguous: q/k/v are contiguous in that layout (else each call copies them first).
+    """
+
+    layout: Layout
+    static: dict
+    contiguous: bool
+
+    @functools.cached_property
+    def static_items(self) -> tuple:
+        return tuple(self.static.items())
+
+    def inputs(self, query, key, value) -> list:
+        """q, k, v as jax arrays in the plan's layout (no checks: the key stands for them)."""
+        if not self.contiguous:
+            return _jax_inputs(self.layout, query, key, value, ())
+        tensors = [_to(self.layout, t) for t in (query, key, value)]
+        return import_checked([t.detach() if t.requires_grad else t for t in tensors])
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 512  # keys hold shapes, dtypes and mod programs (no arrays); cleared when full
+
+
+def _plan_key(query, key, value, program, block_mask, scale, enable_gqa, kernel_options):
+    """What decides a call's checks and static arguments, or None (then it is checked anew).
+
+    Tensors by shape, strides, dtype and device (so also their layout and contiguity), the
+    score_mod by its traced program (its captured arrays are inputs), a BlockMask by its
+    mask_mod's program and sizes (its tables are inputs), the options by value, and the
+    backend registry. `check_indices` reads the captured values, so it is never skipped.
+    """
+    if isinstance(kernel_options, dict) and kernel_options.get("check_indices"):
+        return None
+    tensors = []
+    for t in (query, key, value):
+        if t.is_nested or t.layout is not torch.strided:
+            return None
+        tensors.append((t.shape, t.stride(), t.dtype, t.device))
+    bm = block_mask
+    bm_key = None if bm is None else (bm.mask_program, bm.seq_lengths, bm.BLOCK_SIZE)
+    options = None if kernel_options is None else tuple(sorted(kernel_options.items()))
+    registry = tuple(dispatch.backends().items())
+    plan_key = (*tensors, program, bm_key, scale, enable_gqa, options, registry)
+    try:
+        hash(plan_key)
+    except TypeError:  # an unhashable option value: checked every call
+        return None
+    return plan_key
+
+
+def _make_plan(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options):
+    """Every check of the call (errors name the argument), and its plan."""
     device = check_same_device(query=query, key=key, value=value)
+    kernel_options = _with_interpret_default(kernel_options, device)
+    layout = _layout_of(query, key, value)
+    q, k, v = _jax_inputs(layout, query, key, value, ())
+    _, static = checked_static_call(
+        q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options, layout=layout
+    )
+    contiguous = all(_to(layout, t).is_contiguous() for t in (query, key, value))
+    return _Plan(layout, static, contiguous)
+
+
+def _planned_call(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                  kernel_options):  # fmt: skip
+    program, consts = check_score_mod(score_mod)  # cached by the mod's signature
+    consts = tuple(consts)
+    plan_key = _plan_key(query, key, value, program, block_mask, scale, enable_gqa, kernel_options)
+    plan = None if plan_key is None else _PLANS.get(plan_key)
+    if plan is None:
+        plan = _make_plan(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                          kernel_options)  # fmt: skip
+        if plan_key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[plan_key] = plan
+    layout = plan.layout
+    need_vjp = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    )
+    if not need_vjp:  # no autograd node, and lse crosses back only when asked for
+        out, lse = jitted_call(*plan.inputs(query, key, value), consts, block_mask, **plan.static)
+        results = arrays_to_torch((out, lse) if return_lse else (out,), query.device)
+        results = [_from(layout, x) for x in results]
+        return tuple(results) if return_lse else results[0]
+
+    def call(query, key, value):
+        q, k, v = plan.inputs(query, key, value)
+        out, lse, pullback = _forward_and_pullback(
+            q, k, v, consts, block_mask, diff=(), static=plan.static_items
+        )
+        return out, lse, functools.partial(_apply_pullback, pullback)
+
+    out, lse = _FlexAttentionFunction.apply(call, layout, query, key, value)
+    return (out, lse) if return_lse else out
+
+
+def _with_interpret_default(kernel_options, device: torch.device) -> dict:
+    """The tensors' device decides interpret mode, not JAX's default one: CPU tensors on a GPU
+    machine run the kernels in interpret mode."""
     kernel_options = dict(kernel_options or {})
-    # The tensors' device decides, not JAX's default one: CPU tensors on a GPU machine
-    # run the kernels in interpret mode.
     kernel_options.setdefault("interpret", device.type != "cuda")
+    return kernel_options
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls whose mods capture torch tensors (a captured parameter may need a gradient)
+# ---------------------------------------------------------------------------------------------
+
+
+def _general_call(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                  kernel_options, mask_mod):  # fmt: skip
+    """The call with every check, its torch captures converted (and differentiable)."""
+    device = check_same_device(query=query, key=key, value=value)
+    kernel_options = _with_interpret_default(kernel_options, device)
     bm = _to_flexjax_block_mask(block_mask, mask_mod)
     arrays, diff = _jax_captures(score_mod)
     # Decided here: inside Function.forward grad mode is always off.
     need_vjp = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *diff))
 
-    def call(q, k, v, *diff_arrays):
+    def call(query, key, value, *diff_tensors):
+        q, k, v, *diff_arrays = _jax_inputs(layout, query, key, value, diff_tensors)
         replaced = dict(arrays)
         replaced.update(zip(map(id, diff), diff_arrays, strict=True))
         consts, static = checked_static_call(
@@ -211,9 +352,9 @@ def flex_attention(
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
         if not need_vjp:  # no autograd node, and lse crosses back only when asked for
-            out, lse, _ = call(*_jax_inputs(layout, query, key, value, diff))
-            out = _from(layout, array_to_torch(out))
-            return (out, _from(layout, array_to_torch(lse))) if return_lse else out
+            out, lse, _ = call(query, key, value, *diff)
+            out, lse = (_from(layout, x) for x in arrays_to_torch((out, lse), device))
+            return (out, lse) if return_lse else out
         out, lse = _FlexAttentionFunction.apply(call, layout, query, key, value, *diff)
     return (out, lse) if return_lse else out
 
