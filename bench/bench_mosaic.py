@@ -2,8 +2,8 @@
 
 Shapes (causal, one run, one card): the issue's bf16 D=128 B=4 H=16 S=8192,
 and the seed's fp16 D=64 B=16 H=16 S=8192. For each: forward, and forward +
-backward (flexjax's MOSAIC_GPU backend runs its own forward and Triton's
-backward kernels). Every row is timed the same way, the loop timer
+backward (flexjax's MOSAIC_GPU backend runs its own forward and backward
+kernels). Every row is timed the same way, the loop timer
 (`timing.py`: back-to-back calls, one sync, median of three loops).
 TFLOP/s counts the causal half of 4*B*H*S*S*D (forward; x2.5 with the
 backward). flexjax's MOSAIC_GPU rows also give each config tried
@@ -43,7 +43,7 @@ def _add(rows, row):
     print(f"{row[0]} | {row[1]} | {row[2]:.3f} ms", flush=True)
 
 
-def _jax_rows(q, k, v, do, bm, reps):
+def _jax_rows(q, k, v, do, bm, reps, n_configs):
     rows = []
 
     def fwd_bwd(options):
@@ -58,7 +58,7 @@ def _jax_rows(q, k, v, do, bm, reps):
         (f"flexjax MOSAIC_GPU stages={s} sched={b} longest_first={lf}",
          {"BACKEND": "MOSAIC_GPU", "MOSAIC_STAGES": s, "MOSAIC_SCHEDULE_BARRIER": b,
           "MOSAIC_LONGEST_FIRST": lf})
-        for s, b, lf in CONFIGS
+        for s, b, lf in CONFIGS[:n_configs]
     ]  # fmt: skip
     for name, options in variants:
         f = jax.jit(functools.partial(fj.flex_attention, block_mask=bm, kernel_options=options))
@@ -114,6 +114,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--configs", type=int, default=len(CONFIGS), help="MOSAIC_GPU configs to time")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -129,7 +130,9 @@ def main(argv=None):
         )
         q, k, v, do = (tensor_to_jax(x, "x") for x in (tq, tk, tv, tdo))
         bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
-        rows = _jax_rows(q, k, v, do, bm, args.reps) + _torch_rows(tq, tk, tv, tdo, args.reps)
+        rows = _jax_rows(q, k, v, do, bm, args.reps, args.configs) + _torch_rows(
+            tq, tk, tv, tdo, args.reps
+        )
         flops = 4 * B * H * S * S * D / 2
         sdpa = {kind: ms for name, kind, ms in rows if name == "torch SDPA"}
         text += f"\n## {shape_name}: B={B} H={H} S={S} D={D} causal\n\n"

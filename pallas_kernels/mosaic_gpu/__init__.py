@@ -1,10 +1,12 @@
 """The Mosaic GPU backend: Hopper-native (sm90) kernels in Pallas Mosaic GPU (issue 18).
 
-Its own kernel is the forward (`fwd.flex_fwd`: TMA, a K/V ring filled by a
-producer warpgroup, two consumer warpgroups on wgmma taking turns). The
-backward and decode kernels are the Triton backend's, run from here with
-Triton's configs: a call on this backend differentiates like any other, and
-`describe` says which backend runs each kernel.
+Its own kernels are the forward (`fwd.flex_fwd`: TMA, a K/V ring filled by a
+producer warpgroup, two consumer warpgroups on wgmma taking turns) and the
+backward (`bwd.flex_bwd`: a dq and a dk/dv kernel of the same structure).
+The decode kernel, and the backward of the calls `bwd.bwd_refusal` names,
+are the Triton backend's, run from here with Triton's configs: a call on
+this backend differentiates like any other, and `kernels(spec, mods)` says
+which backend runs each kernel of a call, and why.
 
 `supports` says what it cannot run, so AUTO passes such a call on to the
 next backend and a forced `BACKEND="MOSAIC_GPU"` raises with the reason.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import dispatch
+from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu.fwd import CONSUMERS, SMEM_BYTES, FwdConfig, flex_fwd, smem_bytes
 from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
 from pallas_kernels.runtime import has_gpu
@@ -96,9 +99,14 @@ class MosaicGpuBackend(dispatch.Backend):
                 f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
-        return dispatch.KernelConfigs(fwd=fwd, bwd=triton.bwd, decode=triton.decode)
+        bwd = mosaic_bwd.BwdConfig(triton=triton.bwd)
+        return dispatch.KernelConfigs(fwd=fwd, bwd=bwd, decode=triton.decode)
 
     def candidates(self, kind, spec, mods, fixed):
+        if kind == "bwd":  # the Triton fallback's space (the Mosaic backward has 2 stages)
+            for values, cfg in TRITON.candidates(kind, spec, mods, {}):
+                yield values, mosaic_bwd.BwdConfig(triton=cfg)
+            return
         if kind != "fwd":
             yield from TRITON.candidates(kind, spec, mods, {})
             return
@@ -111,6 +119,8 @@ class MosaicGpuBackend(dispatch.Backend):
                     yield values, FwdConfig(**values)
 
     def config_from(self, kind, values):
+        if kind == "bwd":
+            return mosaic_bwd.BwdConfig(triton=TRITON.config_from(kind, values))
         return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
 
     def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):
@@ -120,14 +130,20 @@ class MosaicGpuBackend(dispatch.Backend):
         return TRITON.decode(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
 
     def bwd(self, q, k, v, do, lse, delta, tables, mods, offsets, *, spec, cfg, grad_slots):
+        if mosaic_bwd.bwd_refusal(spec, mods, grad_slots, cfg) is None:
+            dq, dk, dv = mosaic_bwd.flex_bwd(q, k, v, do, lse, delta, tables, mods, spec=spec,
+                                             cfg=cfg)  # fmt: skip
+            return dq, dk, dv, []
         return TRITON.bwd(
-            q, k, v, do, lse, delta, tables, mods, offsets, spec=spec, cfg=cfg,
+            q, k, v, do, lse, delta, tables, mods, offsets, spec=spec, cfg=cfg.triton,
             grad_slots=grad_slots,
         )  # fmt: skip
 
-    def kernels(self) -> dict:
-        """Which backend runs each kernel of a call on this backend."""
-        return {"fwd": self.name, "bwd": TRITON.name, "decode": TRITON.name}
+    def kernels(self, spec: KernelSpec, mods: Mods, grad_slots=()) -> dict:
+        """Which backend runs each kernel of a call on this backend, and why not this one."""
+        refusal = mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.BwdConfig())
+        bwd = self.name if refusal is None else f"{TRITON.name} ({refusal})"
+        return {"fwd": self.name, "bwd": bwd, "decode": TRITON.name}
 
 
 MOSAIC_GPU = MosaicGpuBackend()

@@ -5,6 +5,9 @@ Every difference the kernels meet is here, nowhere else
   * lowering semantics: 0.10 defaults to Lane, 0.11 to Warpgroup; the
     kernels are written for Lane (explicit register layouts) and say so;
   * `plgpu.load(ref, idx, layout=)`: idx is required in 0.10;
+  * autodiff's `add_any` (a score_mod's pullback sums the cotangents of a
+    value used twice) has no Mosaic GPU lowering in either version:
+    `without_add_any` evaluates a function with it replaced by `add`;
   * interpret mode (`InterpretGPUParams`): public in 0.11 only; 0.10's
     interpreter has no rule for `layout_cast` or a layout-typed iota, and
     cannot read a transposed shared-memory operand of wgmma; neither version
@@ -18,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
+from jax._src.ad_util import add_jaxvals_p as _ADD_ANY  # autodiff's add_any
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -30,6 +35,7 @@ __all__ = [
     "layout_cast",
     "load_vector",
     "matmul_nt",
+    "without_add_any",
 ]
 
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
@@ -87,3 +93,41 @@ def matmul_nt(q_smem, k_smem, shape, interpret: bool, after=None):
             after()
         return s
     return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+
+def without_add_any(fn):
+    """fn, evaluated from its jaxpr with autodiff's `add_any` bound as `lax.add`.
+
+    Mosaic GPU lowers `add` but not `add_any`, which `jax.vjp` emits where a
+    value's cotangents are summed. Nested jaxprs (jnp functions are `pjit`
+    calls) are inlined so their sums are rewritten too.
+    """
+
+    def wrapped(*args):
+        closed = jax.make_jaxpr(fn)(*args)
+        out = _eval(closed.jaxpr, closed.consts, args)
+        return jax.tree.unflatten(jax.tree.structure(jax.eval_shape(fn, *args)), out)
+
+    return wrapped
+
+
+def _eval(jaxpr, consts, args):
+    env = {}
+    read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, jax.tree.leaves(args), strict=True):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if eqn.primitive is _ADD_ANY:
+            outvals = [lax.add(*invals)]
+        elif "jaxpr" in eqn.params and eqn.primitive.name in ("pjit", "jit", "closed_call"):
+            inner = eqn.params["jaxpr"]
+            outvals = _eval(inner.jaxpr, inner.consts, invals)
+        else:
+            outvals = eqn.primitive.bind(*invals, **eqn.params)
+            outvals = outvals if eqn.primitive.multiple_results else [outvals]
+        for var, val in zip(eqn.outvars, outvals, strict=True):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]

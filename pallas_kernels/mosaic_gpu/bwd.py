@@ -1,0 +1,478 @@
+"""Block-sparse flex_attention backward in Pallas Mosaic GPU (sm90): a dq and a dk/dv kernel.
+
+The math is the Triton backward's (`pallas_kernels.triton.bwd`): with p
+recomputed from the forward's lse, dv = p^T do, dp = do v^T,
+ds = p (dp - delta) pulled back through the score_mod, dq = scale ds k,
+dk = scale ds^T q. Two kernels, so every output is written by one CTA and
+the result is deterministic (no atomics), each with the forward's structure
+(`fwd`): a producer warpgroup TMA-loads the streamed tiles into a
+`stages`-deep shared-memory ring, two consumer warpgroups hold their 64 rows
+of the resident operand and run the products on wgmma, with the scores and P
+in registers (interpret mode stages register operands through shared memory).
+
+  * dq: one CTA per (query head, BlockMask row, batch), like the forward: the
+    consumers hold Q, dO, lse and delta of their 64 q rows; the producer
+    streams the row's K/V blocks (partial list, then full).
+  * dk/dv: one CTA per (query head, BlockMask column, batch): the consumers
+    hold K and V of their 64 kv rows (the column's kv block is 128); the
+    producer streams Q, dO, lse and delta of the column's q blocks (partial
+    list, then full) in 64-row halves. Scores are transposed, [kv, q], so
+    dv += p^T do and dk += ds^T q take P and dS straight from registers.
+    With grouped-query attention or k/v broadcast over the batch, each query
+    head's dk/dv is written in float32 and the group (batch) sum follows.
+
+What it does not run (`bwd_refusal`; the Triton backward runs it): BlockMask
+kv blocks other than 128, captured-array reads at index tiles (q_idx /
+kv_idx slices), gradients of captured arrays, index offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import dispatch
+from pallas_kernels.mosaic_gpu import compat
+from pallas_kernels.mosaic_gpu.fwd import _TABLE_ALIGN, CONSUMERS, SMEM_BYTES, _smem
+from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
+from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
+from pallas_kernels.score_tile import TileMods
+from pallas_kernels.softmax import LOG2E, scaled, score_units
+from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods
+from pallas_kernels.triton.launch import kernel_mods, mod_inputs
+
+__all__ = ["BWD_KV_BLOCK", "BwdConfig", "bwd_refusal", "flex_bwd"]
+
+BWD_KV_BLOCK = 128  # the dk/dv kernel's two consumers take 64 kv rows each
+_ROWS = 64  # rows a consumer warpgroup owns (wgmma's M)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BwdConfig:
+    """stages: depth of the streamed operand's ring (both kernels); triton: the Triton
+    backward's config, for the calls this backward refuses (`bwd_refusal`)."""
+
+    stages: int = 2
+    triton: Any = None
+
+    def __post_init__(self):
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be >= 2 (a ring of tiles)")
+
+
+def smem_bytes(spec: KernelSpec, cfg: BwdConfig) -> int:
+    """Shared memory of the larger of the two kernels (an upper bound, as `fwd.smem_bytes`)."""
+    item, D, R = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS
+    tables = 2 * 4 * (max(spec.R, spec.C) + _TABLE_ALIGN)
+    dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
+    dkdv = 2 * CONSUMERS * R * D * item + cfg.stages * (2 * R * D * item + 2 * R * 4)
+    if spec.group_size > 1 or spec.kv_batch_broadcast:
+        dkdv += CONSUMERS * R * D * 4
+    return max(dq, dkdv) + 2 * CONSUMERS * R * 4 + tables + 4 * 1024
+
+
+def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str | None:
+    """Why the Mosaic GPU backward cannot run a call (the Triton one then does), or None."""
+    if smem_bytes(spec, cfg) > SMEM_BYTES:
+        return f"{cfg.stages} stages need {smem_bytes(spec, cfg)} bytes of shared memory"
+    if spec.kv_block_size != BWD_KV_BLOCK:
+        return f"BlockMask kv blocks of {BWD_KV_BLOCK} (got {spec.kv_block_size})"
+    if grad_slots:
+        return "gradients of captured arrays (they need an atomic or two-pass reduction)"
+    if spec.global_offsets:
+        return "index offsets (shards, chunks)"
+    for program in mods.programs:
+        kinds = read_kinds(program)
+        if isinstance(kinds, str):
+            return kinds
+        if Q in kinds or KV in kinds:
+            return "captured-array reads at q_idx / kv_idx tiles (staged slices)"
+    return None
+
+
+def _bcast(x, shape, dim: int):
+    """A row (dim 0) or column (dim 1) vector broadcast to a tile."""
+    return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _tables(view):
+    """(num, idx, full num, full idx) with the index lists padded for whole-line TMA copies."""
+    num, idx, full_num, full_idx = view
+    pad = lambda t: jnp.pad(t, ((0, 0),) * 3 + ((0, -t.shape[-1] % _TABLE_ALIGN),))
+    return num, pad(idx), full_num, pad(full_idx)
+
+
+class _Kernel:
+    """What both kernels share: the call's static facts and the in-kernel helpers."""
+
+    def __init__(self, spec: KernelSpec, mods: Mods, dtype):
+        self.spec, self.dtype = spec, dtype
+        self.interpret = spec.interpret
+        self.programs = kernel_mods(mods)["programs"]
+        self.n_score = len(mods.score_consts)
+        self.pre, self.to_base2 = score_units(spec.scale, mods.score is not None)
+        self.D = spec.E
+
+    def at(self, b, h, rows):
+        """The index of a [rows, D] tile of a [B, H, seq, D] array in the call's layout."""
+        return (b, h, rows) if self.spec.layout is Layout.BHSD else (b, rows, h)
+
+    def grid_indices(self):
+        spec = self.spec
+        h, blk, b = lax.axis_index("h"), lax.axis_index("blk"), lax.axis_index("b")
+        bm = 0 if spec.mask_batch_broadcast else b
+        hm = 0 if spec.mask_head_broadcast else h
+        kv_b = 0 if spec.kv_batch_broadcast else b
+        kv_h = lax.div(h, jnp.int32(spec.group_size)) if spec.group_size > 1 else h
+        return h, blk, b, bm, hm, kv_b, kv_h
+
+    def lists(self, num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, blk):
+        """(partial count, full count, block(j)): the block list of a row or column."""
+        partial, full = self.spec.has_partial, self.spec.has_full
+        n_p = num_ref[bm, hm, blk] if partial else jnp.int32(0)
+        n_f = fnum_ref[bm, hm, blk] if full else jnp.int32(0)
+
+        def block(j):
+            if partial and full:
+                return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
+            return (tp_s if partial else tf_s)[j]
+
+        return n_p, n_f, block
+
+    def copy_lists(self, idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, blk):
+        if self.spec.has_partial:
+            plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, blk], tp_s, t_bar.at[0])
+        if self.spec.has_full:
+            plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, blk], tf_s, t_bar.at[0])
+
+    def list_scratch(self, idx, full_idx):
+        spec = self.spec
+        return (
+            plgpu.SMEM(idx.shape[-1:], jnp.int32) if spec.has_partial else None,
+            plgpu.SMEM(full_idx.shape[-1:], jnp.int32) if spec.has_full else None,
+            plgpu.Barrier(num_arrivals=int(spec.has_partial) + int(spec.has_full), num_barriers=1),
+        )
+
+    def mod_tiles(self, const_refs, tile):
+        ops = MosaicTileOps(self.interpret, tile)
+        n = self.n_score
+        return ops, TileMods(self.spec, self.programs, const_refs[:n], const_refs[n:], None, ops)
+
+    def matmul_acc(self, acc, lhs, rhs_smem, staging):
+        """acc + lhs @ rhs_smem: lhs in registers (the GPU's wgmma reads it there; interpret
+        mode stages it through `staging`, a shared-memory tile of lhs's shape)."""
+        lhs = lhs.astype(self.dtype)
+        if self.interpret:
+            staging[...] = lhs
+            plgpu.commit_smem()
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, staging, rhs_smem)
+                return acc_ref[...]
+
+            return acc + pl.run_scoped(mm, plgpu.ACC(acc.shape, jnp.float32))
+
+        def mm(acc_ref):
+            plgpu.wgmma(acc_ref, lhs, rhs_smem)
+
+        return pl.run_state(mm)(plgpu.ACC.init(acc))
+
+    def zeros(self, shape):
+        return compat.layout_cast(jnp.zeros(shape, jnp.float32), compat.WGMMA, self.interpret)
+
+    def store_tiles(self, pairs):
+        """TMA-store (value, shared-memory staging tile, destination) triples' values."""
+        for value, smem, _ in pairs:
+            smem[...] = value.astype(smem.dtype)
+        plgpu.commit_smem()
+        for _, smem, dst in pairs:
+            plgpu.copy_smem_to_gmem(smem, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _producer_ring(n, stages, copy, consumed, interpret):
+    """Fill a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the slot is released."""
+
+    def fill(i):
+        @pl.when(i < n)
+        def _():
+            copy(i, i)
+
+    for i in range(stages):
+        fill(i)
+
+    def refill(j, _):
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(consumed.at[slot])
+        copy(j, slot)
+
+    lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
+    if interpret:  # observe the last releases (the interpreter checks every phase is seen)
+
+        def drain(j, _):
+            plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
+
+        lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
+
+
+# ----------------------------------------------------------------------------------------- dq
+
+
+def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig):
+    spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
+    bq, bkv, stages = _ROWS, spec.kv_block_size, cfg.stages
+    num, idx, full_num, full_idx = _tables(tables.rows)
+    tile = (bq, bkv)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
+             fidx_ref, *rest):  # fmt: skip
+        const_refs = rest[: len(consts)]
+        dq_ref, scratch = rest[len(consts) :]
+        (q_s, do_s, lse_s, delta_s, k_s, v_s, ds_s, tp_s, tf_s, t_bar, q_bar, k_bar, v_bar,
+         c_bar) = scratch  # fmt: skip
+        h, r, b, bm, hm, kv_b, kv_h = kern.grid_indices()
+        wg = lax.axis_index("wg")
+        n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, r)
+        n = n_p + n_f
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+            kern.copy_lists(idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
+            plgpu.barrier_wait(t_bar.at[0])
+
+            def copy(j, slot):
+                rows = pl.ds(block(j) * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, rows)], k_s.at[slot], k_bar.at[slot])  # fmt: skip
+                plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, rows)], v_s.at[slot], v_bar.at[slot])  # fmt: skip
+
+            _producer_ring(n, stages, copy, c_bar, interpret)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232, action="increase")
+            q_row0 = r * (CONSUMERS * bq) + wg * bq
+            rows = pl.ds(q_row0, bq)
+            qw, dow = q_s.at[wg], do_s.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, h, rows)], qw, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], dow, q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[wg], q_bar.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[wg], q_bar.at[wg])
+            plgpu.barrier_wait(t_bar.at[0])
+            plgpu.barrier_wait(q_bar.at[wg])
+            lse_b2 = compat.load_vector(lse_s.at[wg], compat.ROW, interpret) * LOG2E
+            dlt = compat.load_vector(delta_s.at[wg], compat.ROW, interpret)
+            ops, mods = kern.mod_tiles(const_refs, tile)
+
+            def step(j, dq, masked: bool):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = scaled(compat.matmul_nt(qw, k_s.at[slot], tile, interpret), kern.pre)
+                q_idx = q_row0 + ops.iota(tile, 0)
+                kv_idx = block(j) * bkv + ops.iota(tile, 1)
+                s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, ())
+                pullback = compat.without_add_any(pullback)
+                p = jnp.exp2(s * kern.to_base2 - _bcast(lse_b2, tile, 0))
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = compat.matmul_nt(dow, v_s.at[slot], tile, interpret)
+                ds, _ = pullback(p * (dp - _bcast(dlt, tile, 0)))
+                dq = kern.matmul_acc(dq, ds, k_s.at[slot], ds_s.at[wg] if interpret else None)
+                plgpu.barrier_arrive(c_bar.at[slot])  # K and V of the slot are read
+                return dq
+
+            dq = kern.zeros((bq, D))
+            if spec.has_partial:
+                dq = lax.fori_loop(0, n_p, functools.partial(step, masked=True), dq)
+            if spec.has_full:
+                dq = lax.fori_loop(n_p, n, functools.partial(step, masked=False), dq)
+            kern.store_tiles([(dq * spec.scale, qw, dq_ref.at[kern.at(b, h, rows)])])
+
+    scratch = (
+        _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then dq
+        _smem((CONSUMERS, bq, D), dtype, interpret),  # dO
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # lse
+        plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # delta
+        _smem((stages, bkv, D), dtype, interpret),  # K ring
+        _smem((stages, bkv, D), dtype, interpret),  # V ring
+        plgpu.SMEM((CONSUMERS, bq, bkv), dtype) if interpret else None,  # dS (interpret mode)
+        *kern.list_scratch(idx, full_idx),  # the row's block lists and their barrier
+        plgpu.Barrier(num_arrivals=4, num_barriers=CONSUMERS),  # Q, dO, lse, delta
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # K slot filled
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
+    )
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=[scratch],
+        grid=(spec.Hq, spec.R, spec.B),
+        grid_names=("h", "blk", "b"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=compat.compiler_params(interpret),
+        **({"interpret": compat.interpret_params(True)} if interpret else {}),
+    )
+    return kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts)
+
+
+# -------------------------------------------------------------------------------------- dk/dv
+
+
+def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig):
+    spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
+    bq = bkv = _ROWS
+    stages = cfg.stages
+    num, idx, full_num, full_idx = _tables(tables.cols)
+    tile = (bkv, bq)  # transposed scores: [kv, q]
+    halves = spec.q_block_size // bq
+    per_head = spec.group_size > 1 or spec.kv_batch_broadcast  # summed afterwards, in float32
+    out_dtype = jnp.float32 if per_head else dtype
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
+             fidx_ref, *rest):  # fmt: skip
+        const_refs = rest[: len(consts)]
+        dk_ref, dv_ref, scratch = rest[len(consts) :]
+        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, tp_s, tf_s, t_bar, kv_bar, bar,
+         c_bar) = scratch  # fmt: skip
+        h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
+        wg = lax.axis_index("wg")
+        n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)
+        n = (n_p + n_f) * halves  # steps of bq q rows
+
+        def q_rows(j):
+            return block(lax.div(j, halves)) * spec.q_block_size + lax.rem(j, halves) * bq
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            if not interpret:
+                plgpu.set_max_registers(40, action="decrease")
+            kern.copy_lists(idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
+            plgpu.barrier_wait(t_bar.at[0])
+
+            def copy(j, slot):
+                rows = pl.ds(q_rows(j), bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, h, rows)], q_s.at[slot], bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], do_s.at[slot], bar.at[slot])  # fmt: skip
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[slot], bar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[slot], bar.at[slot])
+
+            _producer_ring(n, stages, copy, c_bar, interpret)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            if not interpret:
+                plgpu.set_max_registers(232, action="increase")
+            kv_row0 = c * spec.kv_block_size + wg * bkv
+            kv_rows = pl.ds(kv_row0, bkv)
+            kw, vw = k_s.at[wg], v_s.at[wg]
+            plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, kv_rows)], kw, kv_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, kv_rows)], vw, kv_bar.at[wg])
+            plgpu.barrier_wait(t_bar.at[0])
+            plgpu.barrier_wait(kv_bar.at[wg])
+            ops, mods = kern.mod_tiles(const_refs, tile)
+            staging = p_s.at[wg] if interpret else None
+
+            def step(j, carry, masked: bool):
+                dk, dv = carry
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(bar.at[slot])
+                qj, doj = q_s.at[slot], do_s.at[slot]
+                st = scaled(compat.matmul_nt(kw, qj, tile, interpret), kern.pre)
+                q_idx = q_rows(j) + ops.iota(tile, 1)
+                kv_idx = kv_row0 + ops.iota(tile, 0)
+                st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
+                pullback = compat.without_add_any(pullback)
+                lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
+                pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
+                dv = kern.matmul_acc(dv, pt, doj, staging)
+                dpt = compat.matmul_nt(vw, doj, tile, interpret)
+                dlt = compat.load_vector(delta_s.at[slot], compat.COL, interpret)
+                dst, _ = pullback(pt * (dpt - _bcast(dlt, tile, 1)))
+                dk = kern.matmul_acc(dk, dst, qj, staging)
+                plgpu.barrier_arrive(c_bar.at[slot])
+                return dk, dv
+
+            carry = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
+            if spec.has_partial:
+                carry = lax.fori_loop(0, n_p * halves, functools.partial(step, masked=True), carry)
+            if spec.has_full:
+                carry = lax.fori_loop(n_p * halves, n, functools.partial(step, masked=False), carry)
+            dk, dv = carry
+            dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
+            if per_head:  # one float32 staging tile, used twice
+                kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
+                kern.store_tiles([(dv, out_s.at[wg], dv_out)])
+            else:
+                kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
+
+    scratch = (
+        _smem((CONSUMERS, bkv, D), dtype, interpret),  # K, then dk
+        _smem((CONSUMERS, bkv, D), dtype, interpret),  # V, then dv
+        _smem((stages, bq, D), dtype, interpret),  # Q ring
+        _smem((stages, bq, D), dtype, interpret),  # dO ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # lse ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
+        plgpu.SMEM((CONSUMERS, bkv, bq), dtype) if interpret else None,  # P, dS (interpret)
+        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head else None,  # f32 dk, dv
+        *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
+        plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # K, V
+        plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # Q, dO, lse, delta slot filled
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
+    )
+    out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)
+    kernel = plgpu.kernel(
+        body,
+        out_type=(out, out),
+        scratch_types=[scratch],
+        grid=(spec.Hq, spec.C, spec.B),
+        grid_names=("h", "blk", "b"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=compat.compiler_params(interpret),
+        **({"interpret": compat.interpret_params(True)} if interpret else {}),
+    )
+    dk, dv = kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts)
+    if per_head:  # [B, Hq, ...] -> the sum over each kv head's group (and the batch)
+        dk, dv = (_group_sum(x, spec).astype(dtype) for x in (dk, dv))
+    return dk, dv
+
+
+def _group_sum(x, spec: KernelSpec):
+    """Per-query-head gradients [B, Hq, S, D] (layout order) summed to k/v's [Bkv, Hkv, S, D]."""
+    G, Hkv = spec.group_size, spec.Hkv
+    h_axis = 1 if spec.layout is Layout.BHSD else 2
+    shape = list(x.shape)
+    shape[h_axis : h_axis + 1] = [Hkv, G]
+    x = x.reshape(shape).sum(axis=h_axis + 1)
+    if spec.kv_batch_broadcast:
+        x = x.sum(axis=0, keepdims=True)
+    return x
+
+
+# -------------------------------------------------------------------------------- launcher
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "cfg"))
+def flex_bwd(q, k, v, do, lse, delta, tables: BlockTables, mods: Mods, *, spec: KernelSpec,
+             cfg: BwdConfig):  # fmt: skip
+    """dq, dk, dv of flex_attention (see the module docstring); q/k/v/do in spec.layout's
+    order, lse and delta float32 from `vjp.preprocess` in out's row order."""
+    dispatch.kernel_traced("MOSAIC_GPU", "dq")
+    dispatch.kernel_traced("MOSAIC_GPU", "dkdv")
+    if spec.layout is Layout.BSHD:  # [B, L, H] -> rows contiguous for the TMA copies
+        lse, delta = jnp.swapaxes(lse, 1, 2), jnp.swapaxes(delta, 1, 2)
+    kern = _Kernel(spec, mods, q.dtype)
+    consts = mod_inputs(mods, None)
+    args = (q, k, v, do, lse, delta, tables)
+    dq = _dq(*args, consts, kern=kern, cfg=cfg)
+    dk, dv = _dkdv(*args, consts, kern=kern, cfg=cfg)
+    return dq, dk, dv
