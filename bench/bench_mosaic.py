@@ -3,7 +3,8 @@
 Shapes (causal, one run, one card): the issue's bf16 D=128 B=4 H=16 S=8192,
 and the seed's fp16 D=64 B=16 H=16 S=8192. For each: forward, and forward +
 backward (flexjax's MOSAIC_GPU backend runs its own forward and backward
-kernels). Every row is timed the same way, the loop timer
+kernels; "fused dq" is its backward with dq accumulated in the dk/dv kernel by
+TMA reduce-add rather than in a separate kernel). Every row is timed the same way, the loop timer
 (`timing.py`: back-to-back calls, one sync, median of three loops).
 TFLOP/s counts the causal half of 4*B*H*S*S*D (forward; x2.5 with the
 backward). flexjax's MOSAIC_GPU rows also give each config tried
@@ -60,6 +61,9 @@ def _jax_rows(q, k, v, do, bm, reps, n_configs):
           "MOSAIC_LONGEST_FIRST": lf})
         for s, b, lf in CONFIGS[:n_configs]
     ]  # fmt: skip
+    variants.append(
+        ("flexjax MOSAIC_GPU fused dq", {"BACKEND": "MOSAIC_GPU", "MOSAIC_FUSED_DQ": True})
+    )
     for name, options in variants:
         f = jax.jit(functools.partial(fj.flex_attention, block_mask=bm, kernel_options=options))
         try:

@@ -76,7 +76,12 @@ def rel_err(ours, theirs) -> float:
 # Which timers the rows use: "default" (torch do_bench, JAX synchronised calls) or
 # "loop" (both libraries timed the same way: back-to-back calls, one sync; see timing.py).
 def torch_row(name, fwd_fn, inputs, dout, reps, gpu, backward=True, timer="default"):
-    """(fw_ms, bw_ms, out, grads) of a torch attention callable."""
+    """(fw_ms, bw_ms, out, grads) of a torch attention callable.
+
+    The backward is timed by repeating `out.backward(retain_graph=True)`, which a compiled
+    backward with donated buffers refuses (torch 2.11): donation is turned off for it.
+    """
+    torch._functorch.config.donated_buffer = False
     timed = TIMERS[timer][0]
     if not backward:  # torch's CPU flex_attention refuses inputs that require grad
         inputs = tuple(x.detach() for x in inputs)

@@ -151,7 +151,7 @@ def flex_attention(
 
     | key | meaning |
     |---|---|
-    | BACKEND | "AUTO" (default: the first backend that can run the call), or a backend by name: "TRITON". A named backend that cannot run the call raises with its reason. |
+    | BACKEND | "AUTO" (default: the first backend that can run the call), or a backend by name: "MOSAIC_GPU", "TRITON". A named backend that cannot run the call raises with its reason. |
     | decode | None (automatic), True, False: queries shorter than 128 rows within the BlockMask's first q block run the split-KV decode kernel when not differentiated. |
     | check_indices | True: first evaluate the mods over every (b, h, q_idx, kv_idx) under `checkify` and raise `ModIndexError` at the first out-of-range index into a captured array (`flexjax.checks`; eager calls; costs a pass over the whole score matrix). Index arithmetic that can leave an array is refused without it (`pallas_kernels.index_ranges`). |
     | autotune | True: time the backend's space of forward and backward configs for this call on first use and keep the fastest (cached on disk, `pallas_kernels.autotune`). |
@@ -159,6 +159,8 @@ def flex_attention(
     | block_m, block_n, num_warps, num_stages | TRITON forward: compute tiles (powers of 2 dividing the BlockMask's block size) and launch parameters. |
     | bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages | TRITON backward (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the dq kernel uses transposed, so each must divide both block sizes). |
     | decode_block_n, decode_splits, decode_num_warps, decode_num_stages | TRITON decode kernel. |
+    | MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST | MOSAIC_GPU forward: K/V ring depth, consumers taking turns on the tensor cores, longest BlockMask rows first. |
+    | MOSAIC_FUSED_DQ | MOSAIC_GPU backward: True accumulates dq in the dk/dv kernel (TMA reduce-add, not bitwise deterministic) instead of its own kernel. |
 
     q_sharding: inside a `jax.shard_map`, q's PartitionSpec there (over
     [B, Hq, L, E]; batch and heads may be split). The mods then see global

@@ -25,7 +25,7 @@ from flexjax.api import prepare
 from flexjax.reference import flex_attention_reference
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import MOSAIC_GPU, compat
-from pallas_kernels.mosaic_gpu.bwd import BwdConfig, flex_bwd
+from pallas_kernels.mosaic_gpu.bwd import BwdConfig, flex_bwd, fused_dq
 from pallas_kernels.mosaic_gpu.fwd import FwdConfig, flex_fwd
 from pallas_kernels.spec import KernelSpec, Layout
 
@@ -190,6 +190,8 @@ def test_backward_matches_reference_in_interpret_mode(name):
     got = _grads(q, k, v, score_mod, bm, MOSAIC, gqa)
     after = dispatch.trace_count("dkdv", "MOSAIC_GPU"), dispatch.trace_count("dq", "TRITON")
     assert after == (before[0] + 1, before[1])  # this backend's backward, not Triton's
+    call = prepare(q, k, v, score_mod, bm, enable_gqa=gqa, kernel_options=MOSAIC)
+    assert not fused_dq(call.spec, BwdConfig(fused_dq=True))  # interpret mode: the dq kernel
     _check_grads(got, _grads(q, k, v, score_mod, bm, None, gqa, reference=True), TOL[dtype])
 
 
@@ -283,9 +285,11 @@ def test_gpu_kernel_lowers_for_cuda(name):
         if block != 128 or "staged" in name:
             continue  # the Mosaic backward refuses these (kv blocks of 64, staged reads)
         lse = jnp.zeros(spec.layout.shape(1, 2, S, 1)[:3], jnp.float32)
-        g = jax.jit(lambda *a, spec=spec: flex_bwd(*a, spec=spec, cfg=BwdConfig()))
-        lowered = g.trace(x, x, x, x, lse, lse, call.tables, call.mods)
-        assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+        for fused in (False, True):  # fused: dq by TMA reduce-add (jax 0.11+; else the same)
+            cfg = BwdConfig(fused_dq=fused)
+            g = jax.jit(lambda *a, spec=spec, cfg=cfg: flex_bwd(*a, spec=spec, cfg=cfg))
+            lowered = g.trace(x, x, x, x, lse, lse, call.tables, call.mods)
+            assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
@@ -392,25 +396,29 @@ GPU_BWD_CASES = [
 @pytest.mark.parametrize(
     "case", GPU_BWD_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}"
 )
-def test_compiled_backward_matches_reference_on_gpu(case):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-dq", "dq-kernel"])
+def test_compiled_backward_matches_reference_on_gpu(case, fused):
+    """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
+    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only)."""
     name, score_mod, mask_mod, group, D, dtype = case
+    options = {**MOSAIC, "MOSAIC_FUSED_DQ": fused}
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)
     bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S)
     gqa = group > 1
     before = dispatch.trace_count("dkdv", "MOSAIC_GPU")
-    got = jax.jit(lambda q, k, v: _grads(q, k, v, score_mod, bm, MOSAIC, gqa))(q, k, v)
+    got = jax.jit(lambda q, k, v: _grads(q, k, v, score_mod, bm, options, gqa))(q, k, v)
     assert dispatch.trace_count("dkdv", "MOSAIC_GPU") == before + 1
     want = _grads(q, k, v, score_mod, bm, None, gqa, reference=True)
     _check_grads(got, want, TOL[dtype])
     t = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, H]: the same gradients, bitwise
 
     def loss(q, k, v):
-        out = fj.dot_product_attention(q, k, v, score_mod, bm, kernel_options=MOSAIC)
+        out = fj.dot_product_attention(q, k, v, score_mod, bm, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(D, dtype=jnp.float32)))
 
     def loss_bhsd(q, k, v):
-        out = fj.flex_attention(q, k, v, score_mod, bm, enable_gqa=gqa, kernel_options=MOSAIC)
+        out = fj.flex_attention(q, k, v, score_mod, bm, enable_gqa=gqa, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(D, dtype=jnp.float32)))
 
     g_bshd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(t(q), t(k), t(v))

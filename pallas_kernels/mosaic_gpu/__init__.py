@@ -17,7 +17,9 @@ with `kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
 
 Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER") and
-`longest_first` ("MOSAIC_LONGEST_FIRST").
+`longest_first` ("MOSAIC_LONGEST_FIRST"); the backward's (`bwd.BwdConfig`):
+`fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
+kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ __all__ = ["MOSAIC_GPU", "MosaicGpuBackend"]
 _DTYPES = ("float16", "bfloat16")
 _HEAD_DIMS = (64, 128)
 _KV_BLOCKS = (64, 128)
-_OPTIONS = {
-    "MOSAIC_STAGES": "stages",
-    "MOSAIC_SCHEDULE_BARRIER": "schedule_barrier",
-    "MOSAIC_LONGEST_FIRST": "longest_first",
+_OPTIONS = {  # kernel_options key: (kernel, config field)
+    "MOSAIC_STAGES": ("fwd", "stages"),
+    "MOSAIC_SCHEDULE_BARRIER": ("fwd", "schedule_barrier"),
+    "MOSAIC_LONGEST_FIRST": ("fwd", "longest_first"),
+    "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
 }
 
 
@@ -91,21 +94,28 @@ class MosaicGpuBackend(dispatch.Backend):
 
     def configs(self, spec, mods, options, decode):
         triton = TRITON.configs(spec, mods, {}, decode)
-        values = {_OPTIONS[k]: v for k, v in options.items()}
-        fwd = FwdConfig(**values)
+        values = {kind: {} for kind in ("fwd", "bwd")}
+        for key, value in options.items():
+            kind, field = _OPTIONS[key]
+            values[kind][field] = value
+        fwd = FwdConfig(**values["fwd"])
         if smem_bytes(spec, fwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
                 f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
-        bwd = mosaic_bwd.BwdConfig(triton=triton.bwd)
+        bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
         return dispatch.KernelConfigs(fwd=fwd, bwd=bwd, decode=triton.decode)
 
     def candidates(self, kind, spec, mods, fixed):
         if kind == "bwd":  # the Triton fallback's space (the Mosaic backward has 2 stages)
+            fused = fixed.get("MOSAIC_FUSED_DQ", False)
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
-                yield values, mosaic_bwd.BwdConfig(triton=cfg)
+                yield (
+                    {**values, "fused_dq": fused},
+                    mosaic_bwd.BwdConfig(fused_dq=fused, triton=cfg),
+                )
             return
         if kind != "fwd":
             yield from TRITON.candidates(kind, spec, mods, {})
@@ -120,7 +130,9 @@ class MosaicGpuBackend(dispatch.Backend):
 
     def config_from(self, kind, values):
         if kind == "bwd":
-            return mosaic_bwd.BwdConfig(triton=TRITON.config_from(kind, values))
+            values = dict(values)
+            fused = values.pop("fused_dq", False)
+            return mosaic_bwd.BwdConfig(fused_dq=fused, triton=TRITON.config_from(kind, values))
         return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
 
     def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):

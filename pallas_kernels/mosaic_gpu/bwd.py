@@ -52,14 +52,19 @@ __all__ = ["BWD_KV_BLOCK", "BwdConfig", "bwd_refusal", "flex_bwd"]
 
 BWD_KV_BLOCK = 128  # the dk/dv kernel's two consumers take 64 kv rows each
 _ROWS = 64  # rows a consumer warpgroup owns (wgmma's M)
+_GRID = ("h", "blk", "b")  # (query head, BlockMask row or column, batch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BwdConfig:
-    """stages: depth of the streamed operand's ring (both kernels); triton: the Triton
-    backward's config, for the calls this backward refuses (`bwd_refusal`)."""
+    """stages: depth of the streamed operand's ring (both kernels); fused_dq: accumulate dq
+    in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
+    deterministic) instead of running the dq kernel; off by default: no faster on an H200
+    (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); triton: the Triton backward's
+    config, for the calls this backward refuses (`bwd_refusal`)."""
 
     stages: int = 2
+    fused_dq: bool = False
     triton: Any = None
 
     def __post_init__(self):
@@ -67,15 +72,18 @@ class BwdConfig:
             raise ValueError(f"stages={self.stages} must be >= 2 (a ring of tiles)")
 
 
-def smem_bytes(spec: KernelSpec, cfg: BwdConfig) -> int:
-    """Shared memory of the larger of the two kernels (an upper bound, as `fwd.smem_bytes`)."""
+def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
+    """Shared memory of the larger kernel run (an upper bound, as `fwd.smem_bytes`); fused:
+    the dk/dv kernel that also accumulates dq."""
     item, D, R = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS
     tables = 2 * 4 * (max(spec.R, spec.C) + _TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + cfg.stages * (2 * R * D * item + 2 * R * 4)
-    if spec.group_size > 1 or spec.kv_batch_broadcast:
-        dkdv += CONSUMERS * R * D * 4
-    return max(dq, dkdv) + 2 * CONSUMERS * R * 4 + tables + 4 * 1024
+    if spec.group_size > 1 or spec.kv_batch_broadcast or fused:
+        dkdv += CONSUMERS * R * D * 4  # float32 staging
+    if fused:
+        dkdv += CONSUMERS * R * R * item  # dS^T
+    return max(0 if fused else dq, dkdv) + 2 * CONSUMERS * R * 4 + tables + 4 * 1024
 
 
 def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str | None:
@@ -86,14 +94,10 @@ def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str
         return f"BlockMask kv blocks of {BWD_KV_BLOCK} (got {spec.kv_block_size})"
     if grad_slots:
         return "gradients of captured arrays (they need an atomic or two-pass reduction)"
-    if spec.global_offsets:
-        return "index offsets (shards, chunks)"
-    for program in mods.programs:
-        kinds = read_kinds(program)
-        if isinstance(kinds, str):
-            return kinds
-        if Q in kinds or KV in kinds:
-            return "captured-array reads at q_idx / kv_idx tiles (staged slices)"
+    # (index offsets and unstageable reads: the backend's `supports` refused the call already)
+    kinds = [read_kinds(program) for program in mods.programs]
+    if any(not isinstance(k, str) and (Q in k or KV in k) for k in kinds):
+        return "captured-array reads at q_idx / kv_idx tiles (staged slices)"
     return None
 
 
@@ -184,6 +188,29 @@ class _Kernel:
 
         return pl.run_state(mm)(plgpu.ACC.init(acc))
 
+    def matmuls(self, terms, staging):
+        """[acc + lhs @ rhs for (acc, lhs, rhs, how) in terms], issued together on the GPU
+        (one wait for all). how: "reg" (lhs in registers, as `matmul_acc`), "nt" (lhs and
+        rhs in shared memory, rhs read transposed), "ref" (lhs a shared-memory view as given).
+        Interpret mode runs them one by one through the helpers above."""
+        if self.interpret:
+            out = []
+            for acc, lhs, rhs, how in terms:
+                if how == "reg":
+                    out.append(self.matmul_acc(acc, lhs, rhs, staging))
+                elif how == "nt":
+                    out.append(acc + compat.matmul_nt(lhs, rhs, acc.shape, True))
+                else:
+                    raise ValueError("interpret mode reads no transposed shared-memory lhs")
+            return out
+
+        def mm(acc_refs):
+            for acc_ref, (_, lhs, rhs, how) in zip(acc_refs, terms, strict=True):
+                lhs = lhs.astype(self.dtype) if how == "reg" else lhs
+                plgpu.wgmma(acc_ref, lhs, rhs.transpose((1, 0)) if how == "nt" else rhs)
+
+        return list(pl.run_state(mm)(tuple(plgpu.ACC.init(t[0]) for t in terms)))
+
     def zeros(self, shape):
         return compat.layout_cast(jnp.zeros(shape, jnp.float32), compat.WGMMA, self.interpret)
 
@@ -195,6 +222,29 @@ class _Kernel:
         for _, smem, dst in pairs:
             plgpu.copy_smem_to_gmem(smem, dst)
         plgpu.wait_smem_to_gmem(0)
+
+
+def _roles(kern, lists, n, stages, copy, consumed, consumer):
+    """Run the producer warpgroup and the consumers (`consumer()`, with most registers).
+
+    The producer copies the block lists into shared memory (lists: `_Kernel.copy_lists`'s
+    arguments), then fills a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the
+    slot is released (`consumed`, by every consumer)."""
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        if not kern.interpret:
+            plgpu.set_max_registers(40, action="decrease")
+        kern.copy_lists(*lists)
+        plgpu.barrier_wait(lists[4].at[0])
+        _producer_ring(n, stages, copy, consumed, kern.interpret)
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        if not kern.interpret:
+            plgpu.set_max_registers(232, action="increase")
+        consumer()
 
 
 def _producer_ring(n, stages, copy, consumed, interpret):
@@ -242,24 +292,12 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, r)
         n = n_p + n_f
 
-        @pl.when(wg == CONSUMERS)
-        def _producer():
-            if not interpret:
-                plgpu.set_max_registers(40, action="decrease")
-            kern.copy_lists(idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
-            plgpu.barrier_wait(t_bar.at[0])
+        def copy(j, slot):  # the producer's step: K and V of the row's j-th kv block
+            rows = pl.ds(block(j) * bkv, bkv)
+            plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, rows)], k_s.at[slot], k_bar.at[slot])  # fmt: skip
+            plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, rows)], v_s.at[slot], v_bar.at[slot])  # fmt: skip
 
-            def copy(j, slot):
-                rows = pl.ds(block(j) * bkv, bkv)
-                plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, rows)], k_s.at[slot], k_bar.at[slot])  # fmt: skip
-                plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, rows)], v_s.at[slot], v_bar.at[slot])  # fmt: skip
-
-            _producer_ring(n, stages, copy, c_bar, interpret)
-
-        @pl.when(wg < CONSUMERS)
-        def _consumer():
-            if not interpret:
-                plgpu.set_max_registers(232, action="increase")
+        def consumer():
             q_row0 = r * (CONSUMERS * bq) + wg * bq
             rows = pl.ds(q_row0, bq)
             qw, dow = q_s.at[wg], do_s.at[wg]
@@ -276,14 +314,17 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             def step(j, dq, masked: bool):
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                s = scaled(compat.matmul_nt(qw, k_s.at[slot], tile, interpret), kern.pre)
+                plgpu.barrier_wait(v_bar.at[slot])
+                s, dp = kern.matmuls(
+                    [(kern.zeros(tile), qw, k_s.at[slot], "nt"),
+                     (kern.zeros(tile), dow, v_s.at[slot], "nt")], None,
+                )  # fmt: skip
+                s = scaled(s, kern.pre)
                 q_idx = q_row0 + ops.iota(tile, 0)
                 kv_idx = block(j) * bkv + ops.iota(tile, 1)
                 s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, ())
                 pullback = compat.without_add_any(pullback)
                 p = jnp.exp2(s * kern.to_base2 - _bcast(lse_b2, tile, 0))
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = compat.matmul_nt(dow, v_s.at[slot], tile, interpret)
                 ds, _ = pullback(p * (dp - _bcast(dlt, tile, 0)))
                 dq = kern.matmul_acc(dq, ds, k_s.at[slot], ds_s.at[wg] if interpret else None)
                 plgpu.barrier_arrive(c_bar.at[slot])  # K and V of the slot are read
@@ -295,6 +336,9 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             if spec.has_full:
                 dq = lax.fori_loop(n_p, n, functools.partial(step, masked=False), dq)
             kern.store_tiles([(dq * spec.scale, qw, dq_ref.at[kern.at(b, h, rows)])])
+
+        lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
+        _roles(kern, lists, n, stages, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then dq
@@ -310,25 +354,21 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
     )
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        scratch_types=[scratch],
-        grid=(spec.Hq, spec.R, spec.B),
-        grid_names=("h", "blk", "b"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=compat.compiler_params(interpret),
-        **({"interpret": compat.interpret_params(True)} if interpret else {}),
-    )
+    grid = (spec.Hq, spec.R, spec.B)
+    out = jax.ShapeDtypeStruct(q.shape, dtype)
+    kernel = compat.kernel(body, out, scratch, grid, _GRID, CONSUMERS + 1, interpret)
     return kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts)
 
 
 # -------------------------------------------------------------------------------------- dk/dv
 
 
-def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig):
+def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig,
+          dq_acc=None):  # fmt: skip
+    """dk, dv; with dq_acc (a float32 `jax.Ref` of q's shape, zeros) also each step's
+    dS^T-transposed product with K, added into dq_acc by TMA reduce-add (`_fused_dq`)."""
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
+    fused = dq_acc is not None
     bq = bkv = _ROWS
     stages = cfg.stages
     num, idx, full_num, full_idx = _tables(tables.cols)
@@ -340,8 +380,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
              fidx_ref, *rest):  # fmt: skip
         const_refs = rest[: len(consts)]
-        dk_ref, dv_ref, scratch = rest[len(consts) :]
-        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, tp_s, tf_s, t_bar, kv_bar, bar,
+        dq_ref = rest[len(consts)] if fused else None
+        dk_ref, dv_ref, scratch = rest[len(consts) + fused :]
+        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, tp_s, tf_s, t_bar, kv_bar, bar,
          c_bar) = scratch  # fmt: skip
         h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
@@ -351,26 +392,14 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         def q_rows(j):
             return block(lax.div(j, halves)) * spec.q_block_size + lax.rem(j, halves) * bq
 
-        @pl.when(wg == CONSUMERS)
-        def _producer():
-            if not interpret:
-                plgpu.set_max_registers(40, action="decrease")
-            kern.copy_lists(idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
-            plgpu.barrier_wait(t_bar.at[0])
+        def copy(j, slot):  # the producer's step: Q, dO, lse, delta of step j's q rows
+            rows = pl.ds(q_rows(j), bq)
+            plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, h, rows)], q_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], do_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[slot], bar.at[slot])
 
-            def copy(j, slot):
-                rows = pl.ds(q_rows(j), bq)
-                plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, h, rows)], q_s.at[slot], bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], do_s.at[slot], bar.at[slot])  # fmt: skip
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[slot], bar.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[slot], bar.at[slot])
-
-            _producer_ring(n, stages, copy, c_bar, interpret)
-
-        @pl.when(wg < CONSUMERS)
-        def _consumer():
-            if not interpret:
-                plgpu.set_max_registers(232, action="increase")
+        def consumer():
             kv_row0 = c * spec.kv_block_size + wg * bkv
             kv_rows = pl.ds(kv_row0, bkv)
             kw, vw = k_s.at[wg], v_s.at[wg]
@@ -393,11 +422,21 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 pullback = compat.without_add_any(pullback)
                 lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
                 pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
-                dv = kern.matmul_acc(dv, pt, doj, staging)
-                dpt = compat.matmul_nt(vw, doj, tile, interpret)
+                dv, dpt = kern.matmuls(
+                    [(dv, pt, doj, "reg"), (kern.zeros(tile), vw, doj, "nt")], staging
+                )
                 dlt = compat.load_vector(delta_s.at[slot], compat.COL, interpret)
                 dst, _ = pullback(pt * (dpt - _bcast(dlt, tile, 1)))
-                dk = kern.matmul_acc(dk, dst, qj, staging)
+                (dk,) = kern.matmuls([(dk, dst, qj, "reg")], staging)
+                if fused:  # dq's part: dS^T through shared memory, read transposed by wgmma
+                    # (issued after dk's, not with it: three live accumulators spill, and
+                    # measured 6% slower on an H200)
+                    ds_s.at[wg][...] = dst.astype(dtype)
+                    plgpu.commit_smem()
+                    dq_t = ds_s.at[wg].transpose((1, 0))
+                    (dq_part,) = kern.matmuls([(kern.zeros((bq, D)), dq_t, kw, "ref")], None)
+                    dq_out = dq_ref.at[kern.at(b, h, pl.ds(q_rows(j), bq))]
+                    _reduce_add(dq_part, out_s.at[wg], dq_out)
                 plgpu.barrier_arrive(c_bar.at[slot])
                 return dk, dv
 
@@ -407,12 +446,17 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             if spec.has_full:
                 carry = lax.fori_loop(n_p * halves, n, functools.partial(step, masked=False), carry)
             dk, dv = carry
+            if fused:  # the last reduce-add has read its staging tile
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
             if per_head:  # one float32 staging tile, used twice
                 kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
                 kern.store_tiles([(dv, out_s.at[wg], dv_out)])
             else:
                 kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
+
+        lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
+        _roles(kern, lists, n, stages, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bkv, D), dtype, interpret),  # K, then dk
@@ -422,28 +466,31 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         plgpu.SMEM((stages, bq), jnp.float32),  # lse ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         plgpu.SMEM((CONSUMERS, bkv, bq), dtype) if interpret else None,  # P, dS (interpret)
-        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head else None,  # f32 dk, dv
+        # float32 staging: dk, dv when summed afterwards; each step's dq when fused
+        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head or fused else None,
+        _smem((CONSUMERS, bkv, bq), dtype, interpret) if fused else None,  # dS^T for dq
         *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
         plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # K, V
         plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # Q, dO, lse, delta slot filled
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
     )
     out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)
-    kernel = plgpu.kernel(
-        body,
-        out_type=(out, out),
-        scratch_types=[scratch],
-        grid=(spec.Hq, spec.C, spec.B),
-        grid_names=("h", "blk", "b"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=compat.compiler_params(interpret),
-        **({"interpret": compat.interpret_params(True)} if interpret else {}),
-    )
-    dk, dv = kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts)
+    grid = (spec.Hq, spec.C, spec.B)
+    kernel = compat.kernel(body, (out, out), scratch, grid, _GRID, CONSUMERS + 1, interpret)
+    extra = (dq_acc,) if fused else ()
+    dk, dv = kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts, *extra)
     if per_head:  # [B, Hq, ...] -> the sum over each kv head's group (and the batch)
         dk, dv = (_group_sum(x, spec).astype(dtype) for x in (dk, dv))
     return dk, dv
+
+
+def _reduce_add(value, staging, dst):
+    """dst += value (float32): staged once the previous reduce-add has read the staging tile,
+    then a TMA reduce-add (unordered across CTAs, so dq is not bitwise deterministic)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    staging[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(staging, dst, reduction_op="add")
 
 
 def _group_sum(x, spec: KernelSpec):
@@ -473,6 +520,19 @@ def flex_bwd(q, k, v, do, lse, delta, tables: BlockTables, mods: Mods, *, spec: 
     kern = _Kernel(spec, mods, q.dtype)
     consts = mod_inputs(mods, None)
     args = (q, k, v, do, lse, delta, tables)
+    if fused_dq(spec, cfg):
+        dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+        dk, dv = _dkdv(*args, consts, kern=kern, cfg=cfg, dq_acc=dq_acc)
+        return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
     dq = _dq(*args, consts, kern=kern, cfg=cfg)
     dk, dv = _dkdv(*args, consts, kern=kern, cfg=cfg)
     return dq, dk, dv
+
+
+def fused_dq(spec: KernelSpec, cfg: BwdConfig) -> bool:
+    """Whether dq is accumulated inside the dk/dv kernel (TMA reduce-add into a float32
+    `jax.Ref`): compiled kernels on a JAX whose `plgpu.kernel` takes Ref operands (0.11+;
+    the interpreter has no reduction copies), unless the config turns it off."""
+    if not cfg.fused_dq or spec.interpret or compat.JAX_VERSION < (0, 11):
+        return False
+    return smem_bytes(spec, cfg, fused=True) <= SMEM_BYTES

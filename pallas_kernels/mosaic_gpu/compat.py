@@ -32,6 +32,7 @@ __all__ = [
     "compiler_params",
     "interpret_params",
     "iota",
+    "kernel",
     "layout_cast",
     "load_vector",
     "matmul_nt",
@@ -53,6 +54,21 @@ def compiler_params(interpret: bool):
 def interpret_params(interpret: bool):
     """The `interpret=` argument of plgpu.kernel: None on the GPU."""
     return InterpretGPUParams() if interpret else None
+
+
+def kernel(body, out_type, scratch, grid, grid_names, threads: int, interpret: bool):
+    """A warp-specialised `plgpu.kernel`: `threads` warpgroups, indexed by the axis "wg"."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=[scratch],
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=threads,
+        thread_name="wg",
+        compiler_params=compiler_params(interpret),
+        **({"interpret": interpret_params(True)} if interpret else {}),
+    )
 
 
 def layout_cast(x, layout, interpret: bool):

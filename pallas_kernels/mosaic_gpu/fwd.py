@@ -391,20 +391,12 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V slot consumed
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None,
     )
-    kernel = plgpu.kernel(
-        body,
-        out_type=(
-            jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.L, D), dtype),
-            jax.ShapeDtypeStruct((spec.B, spec.Hq, spec.L), jnp.float32),  # lse: rows contiguous
-        ),
-        scratch_types=[scratch],
-        grid=(spec.Hq, spec.R, spec.B),
-        grid_names=("h", "q", "b"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=compat.compiler_params(interpret),
-        **({"interpret": compat.interpret_params(True)} if interpret else {}),
+    out_type = (
+        jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.L, D), dtype),
+        jax.ShapeDtypeStruct((spec.B, spec.Hq, spec.L), jnp.float32),  # lse: rows contiguous
     )
+    grid, names = (spec.Hq, spec.R, spec.B), ("h", "q", "b")
+    kernel = compat.kernel(body, out_type, scratch, grid, names, CONSUMERS + 1, interpret)
     out, lse = kernel(q, k, v, num, idx, full_num, full_idx, *consts)
     if (
         spec.layout is Layout.BSHD
