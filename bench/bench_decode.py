@@ -4,7 +4,8 @@ Shape (issue 7): B=8, 32 query heads over 8 kv heads (GQA), Q_LEN=1,
 KV_LEN=32768, D=128, bf16, no mask, forward only. The work is reading K and
 V once, so the figure of merit is the effective K/V read bandwidth:
 bytes(K) + bytes(V) / time. Rows: flexjax (split-KV decode kernel, chosen
-automatically), flexjax with `decode=False` (the regular forward), torch
+automatically; one row per kernel backend, `--backends`), flexjax with
+`decode=False` (the regular forward), torch
 flex_attention under torch.compile (its own decode kernel) and torch SDPA
 (enable_gqa). A causal row (the query is the last position, so every key is
 visible through a BlockMask with partial blocks) shows the mask_mod path.
@@ -47,6 +48,11 @@ def main(argv=None):
         help='JSON list of extra kernel_options for more flexjax decode rows, e.g. [{"decode_block_n": 128}]',
     )  # fmt: skip
     p.add_argument(
+        "--backends", default=None,
+        help="kernel backends of the flexjax decode rows (kernel_options BACKEND); "
+        "default TRITON,MOSAIC_GPU on a GPU, TRITON on a CPU (the smoke test's head dim is 16)",
+    )  # fmt: skip
+    p.add_argument(
         "--timer", choices=list(TIMERS), default="default",
         help="default: torch do_bench, JAX synchronised calls; loop: both back to back",
     )  # fmt: skip
@@ -57,6 +63,7 @@ def main(argv=None):
     if not gpu:  # smoke-test sizes
         args.B, args.Hq, args.Hkv, args.S, args.D = 1, 4, 2, 256, 16
     reps = args.reps or (50 if gpu else 1)
+    backends = (args.backends or ("TRITON,MOSAIC_GPU" if gpu else "TRITON")).split(",")
     dev = "cuda" if gpu else "cpu"
     dtype = torch.bfloat16
     B, Hq, Hkv, L, S, D = args.B, args.Hq, args.Hkv, args.L, args.S, args.D
@@ -93,11 +100,11 @@ def main(argv=None):
     jq, jk, jv = (tensor_to_jax(x, "input") for x in (q, k, v))
     j_bm = fj.create_block_mask(causal_end, 1, 1, L, S)
     for mask, bm in (("none", None), ("causal", j_bm)):
-        runs = [("flexjax decode", None), ("flexjax regular", {"decode": False})]
-        runs += [(f"flexjax decode {json.dumps(o)}", o) for o in variants]
+        runs = [(f"flexjax decode {b}", {"BACKEND": b}) for b in backends]
+        if mask == "none":
+            runs += [("flexjax regular", {"decode": False})]
+            runs += [(f"flexjax decode {json.dumps(o)}", o) for o in variants]
         for impl, options in runs:
-            if mask == "causal" and options is not None:
-                continue
             attend = jax.jit(
                 lambda q, k, v, bm=bm, options=options: fj.flex_attention(
                     q, k, v, block_mask=bm, enable_gqa=True, kernel_options=options

@@ -1,12 +1,13 @@
 """The Mosaic GPU backend: Hopper-native (sm90) kernels in Pallas Mosaic GPU (issue 18).
 
 Its own kernels are the forward (`fwd.flex_fwd`: TMA, a K/V ring filled by a
-producer warpgroup, two consumer warpgroups on wgmma taking turns) and the
-backward (`bwd.flex_bwd`: a dq and a dk/dv kernel of the same structure).
-The decode kernel, and the backward of the calls `bwd.bwd_refusal` names,
-are the Triton backend's, run from here with Triton's configs: a call on
-this backend differentiates like any other, and `kernels(spec, mods)` says
-which backend runs each kernel of a call, and why.
+producer warpgroup, two consumer warpgroups on wgmma taking turns), the
+backward (`bwd.flex_bwd`: a dq and a dk/dv kernel of the same structure) and
+the split-KV decode kernel (`decode.flex_decode`). The calls one of them
+refuses (`fwd.fwd_refusal`, `bwd.bwd_refusal`, `decode.decode_refusal`) run
+that kernel of the Triton backend, with Triton's configs: a call on this
+backend differentiates like any other, and `kernels(spec, mods)` says which
+backend runs each kernel of a call, and why.
 
 `supports` says what it cannot run, so AUTO passes such a call on to the
 next backend and a forced `BACKEND="MOSAIC_GPU"` raises with the reason.
@@ -19,7 +20,9 @@ Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER") and
 `longest_first` ("MOSAIC_LONGEST_FIRST"); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
-kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel).
+kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel);
+the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
+"MOSAIC_DECODE_BLOCK_N", "MOSAIC_DECODE_STAGES".
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ import jax
 
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
-from pallas_kernels.mosaic_gpu.fwd import CONSUMERS, SMEM_BYTES, FwdConfig, flex_fwd, smem_bytes
+from pallas_kernels.mosaic_gpu import decode as mosaic_decode
+from pallas_kernels.mosaic_gpu.fwd import (
+    CONSUMERS,
+    SMEM_BYTES,
+    FwdConfig,
+    flex_fwd,
+    fwd_refusal,
+    smem_bytes,
+)
 from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
 from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import KernelSpec, Mods
 from pallas_kernels.triton import TRITON
+from pallas_kernels.triton import configs as triton_configs
 
 __all__ = ["MOSAIC_GPU", "MosaicGpuBackend"]
 
@@ -44,6 +56,9 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_SCHEDULE_BARRIER": ("fwd", "schedule_barrier"),
     "MOSAIC_LONGEST_FIRST": ("fwd", "longest_first"),
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
+    "MOSAIC_DECODE_SPLITS": ("decode", "splits"),
+    "MOSAIC_DECODE_BLOCK_N": ("decode", "block_n"),
+    "MOSAIC_DECODE_STAGES": ("decode", "stages"),
 }
 
 
@@ -70,7 +85,8 @@ class MosaicGpuBackend(dispatch.Backend):
                 f"BlockMask blocks of {64 * CONSUMERS} x {_KV_BLOCKS} "
                 f"(got {spec.q_block_size} x {spec.kv_block_size})"
             )
-        if spec.L % spec.q_block_size or spec.S % spec.kv_block_size:
+        short = dispatch.uses_decode(spec, None)  # decoded here; its regular forward: Triton's
+        if (spec.L % spec.q_block_size and not short) or spec.S % spec.kv_block_size:
             return (
                 f"lengths that are multiples of the blocks (L={spec.L}, S={spec.S}, "
                 f"blocks {spec.q_block_size} x {spec.kv_block_size})"
@@ -81,7 +97,7 @@ class MosaicGpuBackend(dispatch.Backend):
             kinds = read_kinds(program)
             if isinstance(kinds, str):
                 return kinds
-        return TRITON.supports(spec, mods)  # the backward and decode are Triton's
+        return TRITON.supports(spec, mods)  # the fallback of the kernels that refuse a call
 
     def auto(self, spec: KernelSpec, mods: Mods) -> str | None:
         if spec.interpret:
@@ -90,23 +106,29 @@ class MosaicGpuBackend(dispatch.Backend):
         if any(not isinstance(k, str) and (Q in k or KV in k) for k in kinds):
             # Checked in interpret mode (races too), lowered for cuda, run at one GPU shape only.
             return "staged captured-array reads (q_idx / kv_idx) have not yet run through the GPU test suites"
+        if spec.L % spec.q_block_size:
+            return "short queries: the Mosaic GPU decode kernel has not been measured faster"
         return self.supports(spec, mods)
 
     def configs(self, spec, mods, options, decode):
         triton = TRITON.configs(spec, mods, {}, decode)
-        values = {kind: {} for kind in ("fwd", "bwd")}
+        values = {kind: {} for kind in ("fwd", "bwd", "decode")}
         for key, value in options.items():
             kind, field = _OPTIONS[key]
             values[kind][field] = value
-        fwd = FwdConfig(**values["fwd"])
-        if smem_bytes(spec, fwd) > SMEM_BYTES:
+        fwd = FwdConfig(**values["fwd"], triton=triton.fwd if fwd_refusal(spec) else None)
+        if fwd.triton is None and smem_bytes(spec, fwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
                 f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
         bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
-        return dispatch.KernelConfigs(fwd=fwd, bwd=bwd, decode=triton.decode)
+        dec = None
+        if decode:
+            sms = triton_configs.sm_count()
+            dec = mosaic_decode.decode_config(spec, values["decode"], sms, triton.decode)
+        return dispatch.KernelConfigs(fwd=fwd, bwd=bwd, decode=dec)
 
     def candidates(self, kind, spec, mods, fixed):
         if kind == "bwd":  # the Triton fallback's space (the Mosaic backward has 2 stages)
@@ -117,8 +139,9 @@ class MosaicGpuBackend(dispatch.Backend):
                     mosaic_bwd.BwdConfig(fused_dq=fused, triton=cfg),
                 )
             return
-        if kind != "fwd":
-            yield from TRITON.candidates(kind, spec, mods, {})
+        if kind != "fwd" or fwd_refusal(spec):  # (the forward: Triton's, for a short query)
+            for values, cfg in TRITON.candidates(kind, spec, mods, {}):
+                yield ({**values, "triton": True}, FwdConfig(triton=cfg)) if kind == "fwd" else (values, cfg)  # fmt: skip
             return
         stages = [fixed["MOSAIC_STAGES"]] if "MOSAIC_STAGES" in fixed else [2, 3, 4]
         barrier = fixed.get("MOSAIC_SCHEDULE_BARRIER")
@@ -133,13 +156,20 @@ class MosaicGpuBackend(dispatch.Backend):
             values = dict(values)
             fused = values.pop("fused_dq", False)
             return mosaic_bwd.BwdConfig(fused_dq=fused, triton=TRITON.config_from(kind, values))
+        if kind == "fwd" and values.get("triton"):
+            values = {key: value for key, value in values.items() if key != "triton"}
+            return FwdConfig(triton=TRITON.config_from(kind, values))
         return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
 
     def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):
+        if fwd_refusal(spec) is not None:
+            return TRITON.fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg.triton)
         return flex_fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
 
     def decode(self, q, k, v, tables, mods, offsets, *, spec, cfg):
-        return TRITON.decode(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
+        if mosaic_decode.decode_refusal(spec, mods, cfg) is None:
+            return mosaic_decode.flex_decode(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
+        return TRITON.decode(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg.triton)
 
     def bwd(self, q, k, v, do, lse, delta, tables, mods, offsets, *, spec, cfg, grad_slots):
         if mosaic_bwd.bwd_refusal(spec, mods, grad_slots, cfg) is None:
@@ -153,9 +183,16 @@ class MosaicGpuBackend(dispatch.Backend):
 
     def kernels(self, spec: KernelSpec, mods: Mods, grad_slots=()) -> dict:
         """Which backend runs each kernel of a call on this backend, and why not this one."""
-        refusal = mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.BwdConfig())
-        bwd = self.name if refusal is None else f"{TRITON.name} ({refusal})"
-        return {"fwd": self.name, "bwd": bwd, "decode": TRITON.name}
+        decode_cfg = mosaic_decode.decode_config(spec, {}, 132, None)
+        refusals = {
+            "fwd": fwd_refusal(spec),
+            "bwd": mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.BwdConfig()),
+            "decode": mosaic_decode.decode_refusal(spec, mods, decode_cfg),
+        }
+        return {
+            kernel: self.name if why is None else f"{TRITON.name} ({why})"
+            for kernel, why in refusals.items()
+        }
 
 
 MOSAIC_GPU = MosaicGpuBackend()

@@ -21,9 +21,13 @@ in registers (interpret mode stages register operands through shared memory).
     With grouped-query attention or k/v broadcast over the batch, each query
     head's dk/dv is written in float32 and the group (batch) sum follows.
 
+Captured-array reads at `q_idx + c` / `kv_idx + c` are staged as in the
+forward (`staged_reads`): the slices of the streamed rows ride the producer's
+copies, those of the resident rows the consumers' own.
+
 What it does not run (`bwd_refusal`; the Triton backward runs it): BlockMask
-kv blocks other than 128, captured-array reads at index tiles (q_idx /
-kv_idx slices), gradients of captured arrays, index offsets.
+kv blocks other than 128, gradients of captured arrays (and what the
+backend's `supports` refuses for both directions).
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
-from pallas_kernels.mosaic_gpu import compat
-from pallas_kernels.mosaic_gpu.fwd import _TABLE_ALIGN, CONSUMERS, SMEM_BYTES, _smem
-from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
+from pallas_kernels.mosaic_gpu import compat, ring
+from pallas_kernels.mosaic_gpu.fwd import CONSUMERS, SMEM_BYTES, _smem
+from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
 from pallas_kernels.softmax import LOG2E, scaled, score_units
@@ -76,7 +80,7 @@ def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
     """Shared memory of the larger kernel run (an upper bound, as `fwd.smem_bytes`); fused:
     the dk/dv kernel that also accumulates dq."""
     item, D, R = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS
-    tables = 2 * 4 * (max(spec.R, spec.C) + _TABLE_ALIGN)
+    tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + cfg.stages * (2 * R * D * item + 2 * R * 4)
     if spec.group_size > 1 or spec.kv_batch_broadcast or fused:
@@ -94,23 +98,15 @@ def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str
         return f"BlockMask kv blocks of {BWD_KV_BLOCK} (got {spec.kv_block_size})"
     if grad_slots:
         return "gradients of captured arrays (they need an atomic or two-pass reduction)"
-    # (index offsets and unstageable reads: the backend's `supports` refused the call already)
-    kinds = [read_kinds(program) for program in mods.programs]
-    if any(not isinstance(k, str) and (Q in k or KV in k) for k in kinds):
-        return "captured-array reads at q_idx / kv_idx tiles (staged slices)"
+    if spec.L % spec.q_block_size:  # a short query the backend took for its decode kernel
+        return f"a query length that is a multiple of the q block (L={spec.L})"
+    # (index offsets and reads it cannot stage: the backend's `supports` refused those)
     return None
 
 
 def _bcast(x, shape, dim: int):
     """A row (dim 0) or column (dim 1) vector broadcast to a tile."""
     return lax.broadcast_in_dim(x, shape, [dim])
-
-
-def _tables(view):
-    """(num, idx, full num, full idx) with the index lists padded for whole-line TMA copies."""
-    num, idx, full_num, full_idx = view
-    pad = lambda t: jnp.pad(t, ((0, 0),) * 3 + ((0, -t.shape[-1] % _TABLE_ALIGN),))
-    return num, pad(idx), full_num, pad(full_idx)
 
 
 class _Kernel:
@@ -123,6 +119,19 @@ class _Kernel:
         self.n_score = len(mods.score_consts)
         self.pre, self.to_base2 = score_units(spec.scale, mods.score is not None)
         self.D = spec.E
+        self.reads = StagedReads(mods, "backward")
+
+    def split(self, const_refs):
+        """(the score_mod's captured refs, the mask_mod's)."""
+        return const_refs[: self.n_score], const_refs[self.n_score :]
+
+    def release(self, consumed, staged: bool):
+        """Arrive on a ring slot's `consumed` barrier; with staged slices in the slot, first
+        order those ordinary shared-memory reads before the TMA that refills it
+        (fence.proxy.async: jax 0.11's interpreter checks it)."""
+        if staged:
+            plgpu.commit_smem()
+        plgpu.barrier_arrive(consumed)
 
     def at(self, b, h, rows):
         """The index of a [rows, D] tile of a [B, H, seq, D] array in the call's layout."""
@@ -166,27 +175,11 @@ class _Kernel:
 
     def mod_tiles(self, const_refs, tile):
         ops = MosaicTileOps(self.interpret, tile)
-        n = self.n_score
-        return ops, TileMods(self.spec, self.programs, const_refs[:n], const_refs[n:], None, ops)
+        return ops, TileMods(self.spec, self.programs, *self.split(const_refs), None, ops)
 
     def matmul_acc(self, acc, lhs, rhs_smem, staging):
-        """acc + lhs @ rhs_smem: lhs in registers (the GPU's wgmma reads it there; interpret
-        mode stages it through `staging`, a shared-memory tile of lhs's shape)."""
-        lhs = lhs.astype(self.dtype)
-        if self.interpret:
-            staging[...] = lhs
-            plgpu.commit_smem()
-
-            def mm(acc_ref):
-                plgpu.wgmma(acc_ref, staging, rhs_smem)
-                return acc_ref[...]
-
-            return acc + pl.run_scoped(mm, plgpu.ACC(acc.shape, jnp.float32))
-
-        def mm(acc_ref):
-            plgpu.wgmma(acc_ref, lhs, rhs_smem)
-
-        return pl.run_state(mm)(plgpu.ACC.init(acc))
+        """acc + lhs @ rhs_smem, lhs in registers (`compat.matmul_acc`)."""
+        return compat.matmul_acc(acc, lhs.astype(self.dtype), rhs_smem, staging, self.interpret)
 
     def matmuls(self, terms, staging):
         """[acc + lhs @ rhs for (acc, lhs, rhs, how) in terms], issued together on the GPU
@@ -225,51 +218,18 @@ class _Kernel:
 
 
 def _roles(kern, lists, n, stages, copy, consumed, consumer):
-    """Run the producer warpgroup and the consumers (`consumer()`, with most registers).
+    """Run the producer warpgroup and the consumers (`consumer()`).
 
     The producer copies the block lists into shared memory (lists: `_Kernel.copy_lists`'s
     arguments), then fills a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the
     slot is released (`consumed`, by every consumer)."""
-    wg = lax.axis_index("wg")
 
-    @pl.when(wg == CONSUMERS)
-    def _producer():
-        if not kern.interpret:
-            plgpu.set_max_registers(40, action="decrease")
+    def producer():
         kern.copy_lists(*lists)
         plgpu.barrier_wait(lists[4].at[0])
-        _producer_ring(n, stages, copy, consumed, kern.interpret)
+        ring.producer_ring(n, stages, copy, consumed, kern.interpret)
 
-    @pl.when(wg < CONSUMERS)
-    def _consumer():
-        if not kern.interpret:
-            plgpu.set_max_registers(232, action="increase")
-        consumer()
-
-
-def _producer_ring(n, stages, copy, consumed, interpret):
-    """Fill a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the slot is released."""
-
-    def fill(i):
-        @pl.when(i < n)
-        def _():
-            copy(i, i)
-
-    for i in range(stages):
-        fill(i)
-
-    def refill(j, _):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(consumed.at[slot])
-        copy(j, slot)
-
-    lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
-    if interpret:  # observe the last releases (the interpreter checks every phase is seen)
-
-        def drain(j, _):
-            plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
-
-        lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
+    ring.roles(CONSUMERS, kern.interpret, producer, consumer)
 
 
 # ----------------------------------------------------------------------------------------- dq
@@ -278,15 +238,17 @@ def _producer_ring(n, stages, copy, consumed, interpret):
 def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig):
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     bq, bkv, stages = _ROWS, spec.kv_block_size, cfg.stages
-    num, idx, full_num, full_idx = _tables(tables.rows)
+    num, idx, full_num, full_idx = compat.padded_tables(tables.rows)
     tile = (bq, bkv)
+    reads = kern.reads
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
              fidx_ref, *rest):  # fmt: skip
         const_refs = rest[: len(consts)]
         dq_ref, scratch = rest[len(consts) :]
-        (q_s, do_s, lse_s, delta_s, k_s, v_s, ds_s, tp_s, tf_s, t_bar, q_bar, k_bar, v_bar,
-         c_bar) = scratch  # fmt: skip
+        (q_s, do_s, lse_s, delta_s, k_s, v_s, ds_s, q_stage, kv_stage, tp_s, tf_s, t_bar, q_bar,
+         k_bar, v_bar, c_bar) = scratch  # fmt: skip
+        refs = kern.split(const_refs)
         h, r, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
         n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, r)
@@ -296,6 +258,9 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             rows = pl.ds(block(j) * bkv, bkv)
             plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, rows)], k_s.at[slot], k_bar.at[slot])  # fmt: skip
             plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, rows)], v_s.at[slot], v_bar.at[slot])  # fmt: skip
+            if reads.kv:  # the mods' kv_idx slices ride K's barrier
+                found = reads.starts(refs, b, h, r * spec.q_block_size, block(j) * bkv)
+                reads.copy(reads.kv, found, bkv, kv_stage, slot, k_bar.at[slot])
 
         def consumer():
             q_row0 = r * (CONSUMERS * bq) + wg * bq
@@ -305,11 +270,15 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], dow, q_bar.at[wg])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[wg], q_bar.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[wg], q_bar.at[wg])
+            if reads.q:  # the mods' q_idx slices ride Q's barrier
+                found = reads.starts(refs, b, h, q_row0, jnp.int32(0))
+                reads.copy(reads.q, found, bq, q_stage, wg, q_bar.at[wg])
             plgpu.barrier_wait(t_bar.at[0])
             plgpu.barrier_wait(q_bar.at[wg])
             lse_b2 = compat.load_vector(lse_s.at[wg], compat.ROW, interpret) * LOG2E
             dlt = compat.load_vector(delta_s.at[wg], compat.ROW, interpret)
             ops, mods = kern.mod_tiles(const_refs, tile)
+            q_tiles = reads.tiles(reads.q, q_stage, wg, tile, 0, interpret)
 
             def step(j, dq, masked: bool):
                 slot = lax.rem(j, stages)
@@ -322,12 +291,14 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
                 s = scaled(s, kern.pre)
                 q_idx = q_row0 + ops.iota(tile, 0)
                 kv_idx = block(j) * bkv + ops.iota(tile, 1)
+                kv_tiles = reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret)
+                ops.staged = reads.order(q_tiles | kv_tiles, masked)
                 s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, ())
                 pullback = compat.without_add_any(pullback)
                 p = jnp.exp2(s * kern.to_base2 - _bcast(lse_b2, tile, 0))
                 ds, _ = pullback(p * (dp - _bcast(dlt, tile, 0)))
                 dq = kern.matmul_acc(dq, ds, k_s.at[slot], ds_s.at[wg] if interpret else None)
-                plgpu.barrier_arrive(c_bar.at[slot])  # K and V of the slot are read
+                kern.release(c_bar.at[slot], bool(reads.kv))  # K, V (and slices) are read
                 return dq
 
             dq = kern.zeros((bq, D))
@@ -348,9 +319,11 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         _smem((stages, bkv, D), dtype, interpret),  # K ring
         _smem((stages, bkv, D), dtype, interpret),  # V ring
         plgpu.SMEM((CONSUMERS, bq, bkv), dtype) if interpret else None,  # dS (interpret mode)
+        reads.scratch(reads.q, CONSUMERS, bq),  # the q_idx slices
+        reads.scratch(reads.kv, stages, bkv),  # the kv_idx slices
         *kern.list_scratch(idx, full_idx),  # the row's block lists and their barrier
-        plgpu.Barrier(num_arrivals=4, num_barriers=CONSUMERS),  # Q, dO, lse, delta
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # K slot filled
+        plgpu.Barrier(num_arrivals=4 + len(reads.q), num_barriers=CONSUMERS),  # Q, dO, lse, delta
+        plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K slot filled
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
     )
@@ -371,8 +344,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     fused = dq_acc is not None
     bq = bkv = _ROWS
     stages = cfg.stages
-    num, idx, full_num, full_idx = _tables(tables.cols)
+    num, idx, full_num, full_idx = compat.padded_tables(tables.cols)
     tile = (bkv, bq)  # transposed scores: [kv, q]
+    reads = kern.reads
     halves = spec.q_block_size // bq
     per_head = spec.group_size > 1 or spec.kv_batch_broadcast  # summed afterwards, in float32
     out_dtype = jnp.float32 if per_head else dtype
@@ -382,8 +356,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         const_refs = rest[: len(consts)]
         dq_ref = rest[len(consts)] if fused else None
         dk_ref, dv_ref, scratch = rest[len(consts) + fused :]
-        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, tp_s, tf_s, t_bar, kv_bar, bar,
-         c_bar) = scratch  # fmt: skip
+        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, q_stage, kv_stage, tp_s, tf_s,
+         t_bar, kv_bar, bar, c_bar) = scratch  # fmt: skip
+        refs = kern.split(const_refs)
         h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
         n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)
@@ -398,6 +373,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], do_s.at[slot], bar.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[slot], bar.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[slot], bar.at[slot])
+            if reads.q:  # the mods' q_idx slices ride the step's barrier
+                found = reads.starts(refs, b, h, q_rows(j), c * spec.kv_block_size)
+                reads.copy(reads.q, found, bq, q_stage, slot, bar.at[slot])
 
         def consumer():
             kv_row0 = c * spec.kv_block_size + wg * bkv
@@ -405,9 +383,13 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             kw, vw = k_s.at[wg], v_s.at[wg]
             plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, kv_rows)], kw, kv_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, kv_rows)], vw, kv_bar.at[wg])
+            if reads.kv:  # the mods' kv_idx slices ride K's and V's barrier
+                found = reads.starts(refs, b, h, jnp.int32(0), kv_row0)
+                reads.copy(reads.kv, found, bkv, kv_stage, wg, kv_bar.at[wg])
             plgpu.barrier_wait(t_bar.at[0])
             plgpu.barrier_wait(kv_bar.at[wg])
             ops, mods = kern.mod_tiles(const_refs, tile)
+            kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
             staging = p_s.at[wg] if interpret else None
 
             def step(j, carry, masked: bool):
@@ -418,6 +400,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 st = scaled(compat.matmul_nt(kw, qj, tile, interpret), kern.pre)
                 q_idx = q_rows(j) + ops.iota(tile, 1)
                 kv_idx = kv_row0 + ops.iota(tile, 0)
+                q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
+                ops.staged = reads.order(q_tiles | kv_tiles, masked)
                 st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
                 pullback = compat.without_add_any(pullback)
                 lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
@@ -437,7 +421,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     (dq_part,) = kern.matmuls([(kern.zeros((bq, D)), dq_t, kw, "ref")], None)
                     dq_out = dq_ref.at[kern.at(b, h, pl.ds(q_rows(j), bq))]
                     _reduce_add(dq_part, out_s.at[wg], dq_out)
-                plgpu.barrier_arrive(c_bar.at[slot])
+                kern.release(c_bar.at[slot], bool(reads.q))
                 return dk, dv
 
             carry = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
@@ -469,9 +453,11 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         # float32 staging: dk, dv when summed afterwards; each step's dq when fused
         _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head or fused else None,
         _smem((CONSUMERS, bkv, bq), dtype, interpret) if fused else None,  # dS^T for dq
+        reads.scratch(reads.q, stages, bq),  # the q_idx slices
+        reads.scratch(reads.kv, CONSUMERS, bkv),  # the kv_idx slices
         *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
-        plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS),  # K, V
-        plgpu.Barrier(num_arrivals=4, num_barriers=stages),  # Q, dO, lse, delta slot filled
+        plgpu.Barrier(num_arrivals=2 + len(reads.kv), num_barriers=CONSUMERS),  # K, V
+        plgpu.Barrier(num_arrivals=4 + len(reads.q), num_barriers=stages),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
     )
     out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)

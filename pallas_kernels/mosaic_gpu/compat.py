@@ -35,7 +35,9 @@ __all__ = [
     "kernel",
     "layout_cast",
     "load_vector",
+    "matmul_acc",
     "matmul_nt",
+    "padded_tables",
     "without_add_any",
 ]
 
@@ -109,6 +111,36 @@ def matmul_nt(q_smem, k_smem, shape, interpret: bool, after=None):
             after()
         return s
     return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_acc(acc, lhs, rhs_smem, staging, interpret: bool):
+    """acc + lhs @ rhs_smem (wgmma): lhs in registers on the GPU; interpret mode has no
+    register left operand, so it stages lhs through `staging` (shared memory, lhs's shape)
+    and adds a fresh accumulator."""
+    if interpret:
+        staging[...] = lhs
+        plgpu.commit_smem()
+
+        def mm(acc_ref):
+            plgpu.wgmma(acc_ref, staging, rhs_smem)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(mm, plgpu.ACC(acc.shape, jnp.float32))
+
+    def mm(acc_ref):
+        plgpu.wgmma(acc_ref, lhs, rhs_smem)
+
+    return pl.run_state(mm)(plgpu.ACC.init(acc))
+
+
+TABLE_ALIGN = 32  # int32 entries: TMA copies of a table row move whole 128-byte lines
+
+
+def padded_tables(view):
+    """(num, idx, full num, full idx) with the index lists padded for whole-line TMA copies."""
+    num, idx, full_num, full_idx = view
+    pad = lambda t: jnp.pad(t, ((0, 0),) * 3 + ((0, -t.shape[-1] % TABLE_ALIGN),))
+    return num, pad(idx), full_num, pad(full_idx)
 
 
 def without_add_any(fn):

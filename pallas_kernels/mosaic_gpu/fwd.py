@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,20 +40,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
-from pallas_kernels.mod_eval import eval_mod, kernel_dtype
 from pallas_kernels.mosaic_gpu import compat
-from pallas_kernels.mosaic_gpu.staging import KV, SCALAR, Q, read_kinds
+from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
 from pallas_kernels.softmax import LOG2E, MASKED_SCORE, scaled, score_units
 from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
-from pallas_kernels.tile_ops import TileOps
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
-__all__ = ["CONSUMERS", "SMEM_BYTES", "FwdConfig", "flex_fwd", "smem_bytes"]
+__all__ = ["CONSUMERS", "SMEM_BYTES", "FwdConfig", "flex_fwd", "fwd_refusal", "smem_bytes"]
 
 CONSUMERS = 2  # consumer warpgroups per CTA; each takes q_block_size // 2 rows
-_TABLE_ALIGN = 32  # int32 entries: TMA copies of a table row move whole 128-byte lines
 SMEM_BYTES = 227 * 1024  # shared memory a CTA may use on sm90
 
 
@@ -61,7 +59,7 @@ def smem_bytes(spec: KernelSpec, cfg: FwdConfig) -> int:
     item = jnp.dtype(spec.dtype).itemsize
     q_out = spec.q_block_size * spec.E * item
     ring = 2 * cfg.stages * spec.kv_block_size * spec.E * item
-    tables = 2 * 4 * (spec.C + -spec.C % _TABLE_ALIGN)
+    tables = 2 * 4 * (spec.C + -spec.C % compat.TABLE_ALIGN)
     return q_out + ring + spec.q_block_size * 4 + tables + 4 * 1024  # buffers 1 KiB aligned
 
 
@@ -69,15 +67,26 @@ def smem_bytes(spec: KernelSpec, cfg: FwdConfig) -> int:
 class FwdConfig:
     """stages: K/V ring depth; schedule_barrier: consumers take turns on the tensor cores;
     longest_first: CTAs take the BlockMask's rows last to first (under a causal mask the
-    longest rows start first, and the short ones fill the last wave)."""
+    longest rows start first, and the short ones fill the last wave); triton: the Triton
+    forward's config, for the calls `fwd_refusal` names."""
 
     stages: int = 2
     schedule_barrier: bool = True
     longest_first: bool = True
+    triton: Any = None
 
     def __post_init__(self):
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be >= 2 (a ring of K/V tiles)")
+
+
+def fwd_refusal(spec: KernelSpec) -> str | None:
+    """Why this forward cannot run a call the backend supports (Triton's forward then runs
+    it), or None: a short query the backend took for its decode kernel, run by the regular
+    forward (under differentiation, or with kernel_options decode=False)."""
+    if spec.L % spec.q_block_size:
+        return f"a query length that is a multiple of the q block (L={spec.L})"
+    return None
 
 
 def _smem(shape, dtype, interpret: bool):
@@ -94,46 +103,6 @@ def _row_bcast(x, shape):
     return lax.broadcast_in_dim(x, shape, [0])
 
 
-class _StartProbe(TileOps):
-    """Evaluates a mod on scalar indices to find where each staged read's slice starts.
-
-    Scalar reads load (their values may feed later indices); staged ones record
-    (ref, flat index) and return a stand-in 0 (the staging pass proved no index
-    depends on them).
-    """
-
-    def __init__(self, kinds):
-        self.kinds, self.found = iter(kinds), []
-
-    def gather(self, ref, flat):
-        if next(self.kinds) == SCALAR:
-            self.found.append(None)
-            return ref[flat]
-        self.found.append((ref, flat))
-        return jnp.zeros((), ref.dtype)
-
-
-def _read_dtype(mods: Mods, read) -> jnp.dtype:
-    """The kernel dtype of the captured array that staged read (program, load number) reads."""
-    program_index, load = read
-    program = mods.programs[program_index]
-    refs = [_DtypeRef(kernel_dtype(d)) for d in program.const_dtypes]
-    probe = _StartProbe(read_kinds(program))
-    args = (jnp.int32(0),) * 4 if program_index else (jnp.float32(0),) + (jnp.int32(0),) * 4
-    jax.eval_shape(lambda: eval_mod(program, refs, args, (), probe))
-    return probe.found[load][0].dtype
-
-
-class _DtypeRef:
-    """Stands in for a captured array's ref outside a kernel: its dtype, and zeros when read."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def __getitem__(self, flat):
-        return jnp.zeros((), self.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "cfg"))
 def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpec, cfg: FwdConfig):
     """q [B, Hq, L, E], k/v [Bkv, Hkv, S, E] in spec.layout's order -> out (q's dtype, the same
@@ -146,23 +115,12 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
     bq, bkv, D = spec.q_block_size // CONSUMERS, spec.kv_block_size, spec.E
     stages, G = cfg.stages, spec.group_size
     pre, to_base2 = score_units(spec.scale, mods.score is not None)
-    num, idx, full_num, full_idx = tables
-    idx, full_idx = (
-        jnp.pad(t, ((0, 0),) * 3 + ((0, -t.shape[-1] % _TABLE_ALIGN),)) for t in (idx, full_idx)
-    )
+    num, idx, full_num, full_idx = compat.padded_tables(tables)
     consts = mod_inputs(mods, None)
     programs = kernel_mods(mods)["programs"]
     n_score = len(mods.score_consts)
     partial, full = spec.has_partial, spec.has_full
-    kinds = [read_kinds(p) for p in programs]
-    for why in kinds:
-        if isinstance(why, str):
-            raise ValueError(f"the Mosaic GPU forward cannot run this mod: {why}")
-    # The staged reads (program, load number) of each kind, in evaluation order.
-    q_reads = [(i, n) for i, k in enumerate(kinds) for n, kind in enumerate(k) if kind == Q]
-    kv_reads = [(i, n) for i, k in enumerate(kinds) for n, kind in enumerate(k) if kind == KV]
-    staged_reads = [r for r in q_reads + kv_reads]
-    staged_reads.sort()  # evaluation order: the score_mod's loads, then the mask_mod's
+    reads = StagedReads(mods, "forward")
 
     def at(b, h, rows):
         """The index of a [rows, D] tile of a [B, H, seq, D] array in the call's layout."""
@@ -192,18 +150,6 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
             return (tp_s if partial else tf_s)[j]
 
-        def starts(q0, kv0):
-            """{(program, load): (ref, flat index of its first element)} for q0 / kv0 scalars."""
-            found = {}
-            for i, program in enumerate(programs):
-                if program is None or not kinds[i]:
-                    continue
-                probe = _StartProbe(kinds[i])
-                args = (b, h, q0, kv0) if i else (jnp.float32(0), b, h, q0, kv0)
-                eval_mod(program, refs[i], args, (), probe)
-                found.update({(i, n): rf for n, rf in enumerate(probe.found) if rf is not None})
-            return found
-
         def sched():
             if cfg.schedule_barrier:
                 plgpu.barrier_arrive(sched_bar.at[0])
@@ -222,13 +168,9 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
             def copy(ref, smem, bar, j, slot):
                 rows = pl.ds(kv_block(j) * bkv, bkv)
                 plgpu.copy_gmem_to_smem(ref.at[at(kv_b, kv_h, rows)], smem.at[slot], bar.at[slot])
-                if ref is k_ref and kv_reads:  # the mods' kv_idx slices ride K's barrier
-                    found = starts(r * (CONSUMERS * bq), kv_block(j) * bkv)
-                    for g, read in enumerate(kv_reads):
-                        src, start = found[read]
-                        plgpu.copy_gmem_to_smem(
-                            src.at[pl.ds(start, bkv)], kv_stage[g].at[slot], bar.at[slot]
-                        )
+                if ref is k_ref and reads.kv:  # the mods' kv_idx slices ride K's barrier
+                    found = reads.starts(refs, b, h, r * (CONSUMERS * bq), kv_block(j) * bkv)
+                    reads.copy(reads.kv, found, bkv, kv_stage, slot, bar.at[slot])
 
             def fill(i):
                 @pl.when(i < n)
@@ -262,23 +204,14 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
             qo = qo_s.at[wg]
             q_row0 = r * (CONSUMERS * bq) + wg * bq
             plgpu.copy_gmem_to_smem(q_ref.at[at(b, h, pl.ds(q_row0, bq))], qo, q_bar.at[wg])
-            if q_reads:  # the mods' q_idx slices ride Q's barrier
-                found = starts(q_row0, jnp.int32(0))
-                for g, read in enumerate(q_reads):
-                    src, start = found[read]
-                    plgpu.copy_gmem_to_smem(
-                        src.at[pl.ds(start, bq)], q_stage[g].at[wg], q_bar.at[wg]
-                    )
+            if reads.q:  # the mods' q_idx slices ride Q's barrier
+                found = reads.starts(refs, b, h, q_row0, jnp.int32(0))
+                reads.copy(reads.q, found, bq, q_stage, wg, q_bar.at[wg])
             plgpu.barrier_wait(t_bar.at[0])
             plgpu.barrier_wait(q_bar.at[wg])
             tile = (bq, bkv)
             ops = MosaicTileOps(interpret, tile)
-            q_tiles = {
-                read: lax.broadcast_in_dim(
-                    compat.load_vector(q_stage[g].at[wg], compat.ROW, interpret), tile, [0]
-                )
-                for g, read in enumerate(q_reads)
-            }
+            q_tiles = reads.tiles(reads.q, q_stage, wg, tile, 0, interpret)
             mods_ = TileMods(spec, programs, const_refs[:n_score], const_refs[n_score:], None, ops)
 
             acc = compat.layout_cast(jnp.zeros((bq, D), jnp.float32), compat.WGMMA, interpret)
@@ -298,21 +231,17 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 slot = lax.rem(j, stages)
                 # The kv_idx slices share K's slot: read them before releasing it (the
                 # producer refills both once the consumers arrive on kc_bar).
-                staged = dict(q_tiles)
-                for g, read in enumerate(kv_reads):
-                    if read[0] == 0 or masked:  # the mask_mod runs in partial blocks only
-                        vec = compat.load_vector(kv_stage[g].at[slot], compat.COL, interpret)
-                        staged[read] = lax.broadcast_in_dim(vec, tile, [1])
+                needed = lambda read: read[0] == 0 or masked  # mask_mod: partial blocks only
+                staged = q_tiles | reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret, needed)
                 s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
-                if kv_reads:  # order those ordinary reads before the TMA that refills the slot
+                if reads.kv:  # order those ordinary reads before the TMA that refills the slot
                     plgpu.commit_smem()  # (fence.proxy.async; jax 0.11's interpreter checks it)
                 plgpu.barrier_arrive(kc_bar.at[slot])
                 s = scaled(s, pre)
                 if masked or mods_.score is not None:
                     q_idx = q_row0 + ops.iota(tile, 0)
                     kv_idx = kv_block(j) * bkv + ops.iota(tile, 1)
-                    order = [read for read in staged_reads if read[0] == 0 or masked]
-                    ops.staged = iter(staged[read] for read in order)
+                    ops.staged = reads.order(staged, masked)
                     s, _, _ = mods_.apply(s, b, h, q_idx, kv_idx, masked)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
@@ -381,10 +310,10 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # lse
         plgpu.SMEM(idx.shape[-1:], jnp.int32) if partial else None,  # the row's partial blocks
         plgpu.SMEM(full_idx.shape[-1:], jnp.int32) if full else None,  # and its full blocks
-        tuple(plgpu.SMEM((CONSUMERS, bq), _read_dtype(mods, r)) for r in q_reads),
-        tuple(plgpu.SMEM((stages, bkv), _read_dtype(mods, r)) for r in kv_reads),
-        plgpu.Barrier(num_arrivals=1 + len(q_reads), num_barriers=CONSUMERS),  # Q (+ q slices)
-        plgpu.Barrier(num_arrivals=1 + len(kv_reads), num_barriers=stages),  # K (+ kv slices)
+        reads.scratch(reads.q, CONSUMERS, bq),  # the q_idx slices
+        reads.scratch(reads.kv, stages, bkv),  # the kv_idx slices
+        plgpu.Barrier(num_arrivals=1 + len(reads.q), num_barriers=CONSUMERS),  # Q (+ q slices)
+        plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K (+ kv slices)
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
         plgpu.Barrier(num_arrivals=int(partial) + int(full), num_barriers=1),  # tables
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K slot consumed

@@ -246,7 +246,7 @@ def bwd_config(
     return cfg
 
 
-def _sm_count() -> int:
+def sm_count() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 0)) or 132
     except RuntimeError:
@@ -299,7 +299,7 @@ def decode_config(
         )
     tiles = kv_blocks * (kv_block_size // block_n)
     programs = batch * (q_heads // heads)
-    target = 4 if interpret else 2 * _sm_count()  # two waves of programs over the SMs
+    target = 4 if interpret else 2 * sm_count()  # two waves of programs over the SMs
     return DecodeConfig(
         rows=rows,
         block_n=block_n,

@@ -1,0 +1,62 @@
+"""Warp specialisation shared by the Mosaic GPU kernels: a producer warpgroup filling a ring.
+
+The kernels run `consumers` warpgroups of math (most registers) and one
+producer warpgroup (few registers) that TMA-copies each step's tiles into a
+`stages`-deep shared-memory ring, refilling a slot once every consumer has
+released it (arrived on the slot's `consumed` barrier).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+__all__ = ["producer_ring", "roles"]
+
+PRODUCER_REGISTERS = 40
+CONSUMER_REGISTERS = 232
+
+
+def roles(consumers: int, interpret: bool, producer, consumer) -> None:
+    """Run `producer()` on warpgroup `consumers` and `consumer()` on warpgroups below it,
+    with registers moved from the one to the others on the GPU."""
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == consumers)
+    def _producer():
+        if not interpret:
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        producer()
+
+    @pl.when(wg < consumers)
+    def _consumer():
+        if not interpret:
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        consumer()
+
+
+def producer_ring(n, stages: int, copy, consumed, interpret: bool) -> None:
+    """Fill a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the slot is released."""
+
+    def fill(i):
+        @pl.when(i < n)
+        def _():
+            copy(i, i)
+
+    for i in range(stages):
+        fill(i)
+
+    def refill(j, _):
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(consumed.at[slot])
+        copy(j, slot)
+
+    lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
+    if interpret:  # observe the last releases (the interpreter checks every phase is seen)
+
+        def drain(j, _):
+            plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
+
+        lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
