@@ -48,7 +48,7 @@ def test_decode_benchmark_runs_every_row(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     saved = json.loads((tmp_path / "decode.json").read_text())
     impls = [(r["impl"], r["mask"]) for r in saved["rows"]]
-    assert ("flexjax decode", "causal") in impls and ("flexjax regular", "none") in impls
+    assert ("flexjax decode TRITON", "causal") in impls and ("flexjax regular", "none") in impls
     assert ('flexjax decode {"decode_splits": 2}', "none") in impls
     for r in saved["rows"]:
         assert r["ms"] > 0
