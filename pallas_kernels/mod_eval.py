@@ -38,7 +38,7 @@ from jax.extend import core as jex_core
 from pallas_kernels.approx_math import tanh_approx_p
 from pallas_kernels.mod_trace import ModProgram, ModTraceError
 from pallas_kernels.object_arrays import as_obj, shape_op
-from pallas_kernels.tile_ops import TileOps
+from pallas_kernels.tile_ops import IndexVector, TileOps, as_tile
 
 __all__ = [
     "NO_LOADS",
@@ -90,6 +90,25 @@ def _broadcast_tiles(vals):
     return [v if jnp.shape(v) == target else jnp.broadcast_to(v, target) for v in vals]
 
 
+def _expanded(x):
+    """x, with an `IndexVector` broadcast to its tile."""
+    return x.expand() if isinstance(x, IndexVector) else x
+
+
+def _bind(prim, tiles, params):
+    """prim on tiles; on `IndexVector`s of one dim (and scalars) it stays on the vectors."""
+    vecs = [t for t in tiles if isinstance(t, IndexVector)]
+    if vecs:
+        on_vector = len({v.dim for v in vecs}) == 1 and all(
+            isinstance(t, IndexVector) or jnp.ndim(t) == 0 for t in tiles
+        )
+        if not on_vector:
+            return prim.bind(*_broadcast_tiles([_expanded(t) for t in tiles]), **params)
+        vals = [t.value if isinstance(t, IndexVector) else t for t in tiles]
+        return vecs[0].map(lambda _: prim.bind(*_broadcast_tiles(vals), **params))
+    return prim.bind(*_broadcast_tiles(tiles), **params)
+
+
 class _Evaluator:
     """Walks a mod's jaxpr on tiles.
 
@@ -124,10 +143,10 @@ class _Evaluator:
                 for t in tiles
             ]
             if prim is tanh_approx_p:
-                x = tiles[0]
+                x = _expanded(tiles[0])
                 out[pos] = self.ops.tanh_approx(x.astype(jnp.float32)).astype(x.dtype)
                 continue
-            out[pos] = prim.bind(*_broadcast_tiles(tiles), **params)
+            out[pos] = _bind(prim, tiles, params)
         return out if shape else out[()]
 
     # -- loads from hoisted arrays -----------------------------------------
@@ -136,7 +155,7 @@ class _Evaluator:
         flat = 0
         stride = 1
         for d in reversed(range(len(hoisted.shape))):
-            idx = index_per_dim[d]
+            idx = _expanded(index_per_dim[d])
             n = hoisted.shape[d]
             if isinstance(idx, int | np.integer):
                 idx = min(max(int(idx), 0), n - 1)
@@ -159,6 +178,7 @@ class _Evaluator:
     def structural(self, eqn, invals):
         name = eqn.primitive.name
         p = eqn.params
+        invals = [_expanded(v) for v in invals]
         if name in ("gather", "dynamic_slice") and isinstance(invals[0], _Hoisted):
             return self.gather_hoisted(eqn, invals)
         if any(isinstance(v, _Hoisted) for v in invals):
@@ -210,6 +230,7 @@ class _Evaluator:
 
     @staticmethod
     def clamp_start(start, hi):
+        start = _expanded(start)
         if isinstance(start, int | np.integer):
             return min(max(int(start), 0), hi)
         return jnp.clip(start.astype(jnp.int32), 0, hi)
@@ -325,8 +346,7 @@ def _consts(program: ModProgram, hoisted_refs: Sequence) -> list:
 def _as_tile(out, out_shape):
     if isinstance(out, np.ndarray):
         out = out[()]
-    out = jnp.asarray(out)
-    return jnp.broadcast_to(out, out_shape) if out.shape != out_shape else out
+    return as_tile(out, out_shape)
 
 
 # --------------------------------------------------------------------------

@@ -18,7 +18,8 @@ passes it to `apply`; likewise `kv_shift(block)` for a ring's kv chunks
 The tile may be in either orientation: the forward and the dq kernel use
 [BM, BN] (q_idx [BM, 1], kv_idx [1, BN]); the dk/dv kernel uses the transpose
 [BN, BM] (q_idx [1, BM], kv_idx [BN, 1]). Mods are elementwise, so they do not
-care.
+care. A backend may pass `tile_ops.IndexVector`s instead (Mosaic GPU: a row
+or column vector of a register tile); the index math stays on them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pallas_kernels.mod_eval import eval_mod, eval_score_mod_vjp
 from pallas_kernels.mod_trace import ModProgram, indices_read
 from pallas_kernels.softmax import MASKED_SCORE
 from pallas_kernels.spec import KernelSpec
+from pallas_kernels.tile_ops import IndexVector, as_tile
 
 __all__ = ["TileMods"]
 
@@ -101,12 +103,12 @@ class TileMods:
             raise ValueError("TileMods.apply: a mapped q or kv needs q_shift / kv_shift")
         q0 = q_shift if self.q_mapped else q0
         kv0 = kv_shift if self.kv_mapped else kv0
-        q_in = _shifted(jnp.minimum(q_idx, spec.L - 1), q0)
+        q_in = _index(lambda x: _shifted(jnp.minimum(x, spec.L - 1), q0), q_idx)
         if spec.q_map_len:
-            q_in = jnp.minimum(q_in, spec.q_map_len - 1)  # rows of padding blocks
-        kv_in = _shifted(jnp.minimum(kv_idx, spec.S - 1), kv0)
+            q_in = _index(lambda x: jnp.minimum(x, spec.q_map_len - 1), q_in)  # padding rows
+        kv_in = _index(lambda x: _shifted(jnp.minimum(x, spec.S - 1), kv0), kv_idx)
         if spec.kv_map_len:
-            kv_in = jnp.minimum(kv_in, spec.kv_map_len - 1)
+            kv_in = _index(lambda x: jnp.minimum(x, spec.kv_map_len - 1), kv_in)
         pullback = None
         if self.score is not None and grad_slots is not None:
             s, mod_pullback = eval_score_mod_vjp(
@@ -121,10 +123,10 @@ class TileMods:
         if masked or spec.C * spec.kv_block_size != spec.S or self.kv_bounded:
             # Columns past the key length exist in the last block (or in whole
             # blocks a BlockMask lists past it): their K/V read as 0, drop them.
-            in_range = kv_idx < spec.S
+            in_range = _index(lambda x: x < spec.S, kv_idx)
             if self.kv_bounded:  # and past the global length, in a mapped kv
-                in_range = in_range & (kv_idx + kv0 < spec.kv_map_len)
-            in_range = jnp.broadcast_to(in_range, s.shape)
+                in_range = _index(lambda x: (x < spec.S) & (x + kv0 < spec.kv_map_len), kv_idx)
+            in_range = as_tile(in_range, s.shape)
             keep = in_range if keep is None else keep & in_range
         if keep is not None:
             s = jnp.where(keep, s, MASKED_SCORE)
@@ -141,6 +143,11 @@ class TileMods:
                 return ds_raw, grads
 
         return s, keep, pullback
+
+
+def _index(fn, index):
+    """fn of an index tile, or of an `IndexVector`'s vector (kept a vector)."""
+    return index.map(fn) if isinstance(index, IndexVector) else fn(index)
 
 
 def _shifted(index, offset):

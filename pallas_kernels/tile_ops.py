@@ -11,10 +11,44 @@ and what a backend's GPU ops must agree with (to rounding).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["TileOps"]
+__all__ = ["IndexVector", "TileOps", "as_tile"]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexVector:
+    """An index tile that varies along one dim only, held as that dim's vector.
+
+    A kernel whose index tiles would be whole register tiles (Mosaic GPU's
+    WGMMA layout has no [BM, 1] shape) hands q_idx / kv_idx to the mods this
+    way: the evaluator (`mod_eval`) keeps elementwise math on one kind of
+    vector (and scalars) on the vector -- `q_idx // W`, `q_idx % W` cost a
+    row's worth of work, not a tile's -- and `expand`s a value to the tile
+    where it meets the other index or anything else.
+    """
+
+    value: Any  # 1-D: the tile's shape[dim] indices
+    dim: int  # the tile dim it runs along
+    shape: tuple[int, int]  # the tile's
+
+    def map(self, fn) -> IndexVector:
+        return dataclasses.replace(self, value=fn(self.value))
+
+    def expand(self):
+        return lax.broadcast_in_dim(self.value, self.shape, [self.dim])
+
+
+def as_tile(x, shape):
+    """x (an `IndexVector`, a scalar or a broadcastable array) as a tile of `shape`."""
+    if isinstance(x, IndexVector):
+        return x.expand()
+    x = jnp.asarray(x)
+    return x if x.shape == tuple(shape) else jnp.broadcast_to(x, shape)
 
 
 class TileOps:

@@ -31,10 +31,10 @@ from flexjax.examples import EXAMPLES
 from flexjax.mod_utils import ModKind, vmap_bhqkv
 from pallas_kernels.mod_eval import eval_mod, eval_score_mod_vjp
 from pallas_kernels.mod_trace import ModProgram, ModTraceError, trace_mod
-from pallas_kernels.tile_ops import TileOps
+from pallas_kernels.tile_ops import IndexVector, TileOps
 
 OPS = TileOps()
-LAYOUTS = ("rows", "transposed", "packed_heads")
+LAYOUTS = ("rows", "transposed", "packed_heads", "vectors", "vectors_transposed")
 BH_PAIRS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
@@ -74,6 +74,13 @@ def evaluate(program, consts, b, h, q, kv, layout, score=None):
     elif layout == "transposed":
         args, shape = (b, h, q[None, :], kv[:, None]), (bn, bm)
         score = None if score is None else score.T
+    elif layout == "vectors":  # the Mosaic GPU kernels' index vectors
+        shape = (bm, bn)
+        args = (b, h, IndexVector(q, 0, shape), IndexVector(kv, 1, shape))
+    elif layout == "vectors_transposed":
+        shape = (bn, bm)
+        args = (b, h, IndexVector(q, 1, shape), IndexVector(kv, 0, shape))
+        score = None if score is None else score.T
     else:
         raise ValueError(layout)
     if program.is_score_mod:
@@ -81,7 +88,7 @@ def evaluate(program, consts, b, h, q, kv, layout, score=None):
     out = eval_mod(program, flat_refs(consts), args, shape, OPS)
     assert out.shape == shape
     out = np.asarray(out)
-    return out.T if layout == "transposed" else out
+    return out.T if layout.endswith("transposed") else out
 
 
 def packed_rows(bm, n_heads, seed):
@@ -161,6 +168,21 @@ def test_catalogue_mods_on_tiles_match_vmapped_mod(name, layout):
             assert_same(out, ref, is_score_mod, f"{name} {fn.__qualname__} b={b} h={h}")
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.parametrize("name", ["natten", "sasa"])
+def test_index_vectors_keep_one_index_math_on_the_vector(name):
+    """With q_idx and kv_idx as `IndexVector`s, `q // W`, `q % W`, `kv // W`, `kv % W` run on
+    [BM] / [BN] vectors: no integer division or remainder on a whole [BM, BN] tile."""
+    case = catalogue_case(name)
+    program, consts = trace_mod(case.mask_mod, False)
+    shape = (16, 32)
+    q, kv = tile_at(case.Q_LEN, 16, 20), tile_at(case.KV_LEN, 32, 3)
+    args = (jnp.int32(0), jnp.int32(0), IndexVector(q, 0, shape), IndexVector(kv, 1, shape))
+    jaxpr = jax.make_jaxpr(lambda: eval_mod(program, flat_refs(consts), args, shape, OPS))()
+    ops = [(e.primitive.name, e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns]
+    assert any(name in ("div", "rem") and s in ((16,), (32,)) for name, s in ops), ops
+    assert not any(name in ("div", "rem") and s == shape for name, s in ops), ops
 
 
 def test_catalogue_tiles_are_not_trivial():

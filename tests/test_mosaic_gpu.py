@@ -29,6 +29,7 @@ import pytest
 from helpers import random_qkv
 
 import flexjax as fj
+from flexjax import masks
 from flexjax.api import prepare
 from flexjax.reference import flex_attention_reference
 from pallas_kernels import dispatch
@@ -75,6 +76,13 @@ def _kv_bias(S, H):
     return lambda score, b, h, q, kv: score * temp + bias[h, kv]
 
 
+_natten = masks.generate_natten(16, 16, 5, 5)  # 2-D neighbourhoods: q // 16, q % 16, ...
+
+
+def _index_math(score, b, h, q, kv):  # integer math on each index (index vectors), then mixed
+    return score + 0.1 * ((q % 7) - (kv // 5) % 3).astype(jnp.float32)
+
+
 def _check(out, lse, ref, ref_lse, tol):
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
@@ -91,6 +99,7 @@ CASES = {
     "alibi causal gqa": ((2, 4, 2, 256, 64), jnp.bfloat16, _alibi, _causal, 128),
     "softcap window D128": ((1, 1, 1, 384, 128), jnp.float16, _softcap, _window, (128, 64)),
     "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start, 128),
+    "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten, 128),
     "documents + kv bias (staged)": (
         (1, 2, 2, 256, 64),
         jnp.bfloat16,
@@ -185,6 +194,7 @@ BWD_CASES = {
     "alibi causal gqa": ((1, 2, 1, 256, 64), jnp.float16, _alibi, _causal),
     "softcap dense D128": ((1, 1, 1, 256, 128), jnp.bfloat16, _softcap, None),
     "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start),
+    "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten),
     "documents (staged), alibi": ((1, 2, 2, 256, 64), jnp.bfloat16, _alibi, _documents(256)),
 }
 
@@ -202,6 +212,25 @@ def test_backward_matches_reference_in_interpret_mode(name):
     call = prepare(q, k, v, score_mod, bm, enable_gqa=gqa, kernel_options=MOSAIC)
     assert not fused_dq(call.spec, BwdConfig(fused_dq=True))  # interpret mode: the dq kernel
     _check_grads(got, _grads(q, k, v, score_mod, bm, None, gqa, reference=True), TOL[dtype])
+
+
+BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and schedules
+    "paired, turns": {"MOSAIC_BWD_PAIRED": True, "MOSAIC_BWD_SCHEDULE_BARRIER": True},
+    "unpaired, turns, 3 stages": {"MOSAIC_BWD_PAIRED": False, "MOSAIC_BWD_SCHEDULE_BARRIER": True,
+                                  "MOSAIC_BWD_STAGES": 3},
+    "paired, no turns": {"MOSAIC_BWD_PAIRED": True, "MOSAIC_BWD_SCHEDULE_BARRIER": False},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("order", list(BWD_ORDERS))
+def test_backward_matmul_orders_match_reference_in_interpret_mode(order):
+    """The dk/dv kernel's paired matmul groups and the consumers' turns (ping-pong) in both
+    kernels: the same gradients, the rings wrapping (S = 384)."""
+    S = 384
+    q, k, v = random_qkv(21, 1, 2, S, S, 64, Hkv=1, dtype=jnp.float16)
+    bm = fj.create_block_mask(_causal, 1, 1, S, S)
+    got = _grads(q, k, v, _alibi, bm, {**MOSAIC, **BWD_ORDERS[order]}, True)
+    _check_grads(got, _grads(q, k, v, _alibi, bm, None, True, reference=True), TOL[jnp.float16])
 
 
 def test_backward_in_jax_layout_and_its_races(monkeypatch):
@@ -361,6 +390,13 @@ LOWER_CASES = {
 }
 
 
+BWD_LOWER_CONFIGS = (
+    BwdConfig(),
+    BwdConfig(fused_dq=True),  # dq by TMA reduce-add (jax 0.11+; else the same as the default)
+    BwdConfig(paired=not BwdConfig.paired, schedule_barrier=not BwdConfig.schedule_barrier),
+)
+
+
 @pytest.mark.parametrize("name", list(LOWER_CASES))
 def test_gpu_kernel_lowers_for_cuda(name):
     """The compiled path (register P, in-place accumulator, layout-typed index tiles) lowers,
@@ -384,8 +420,7 @@ def test_gpu_kernel_lowers_for_cuda(name):
         if block != 128:
             continue  # the Mosaic backward refuses kv blocks of 64
         lse = jnp.zeros(spec.layout.shape(1, 2, S, 1)[:3], jnp.float32)
-        for fused in (False, True):  # fused: dq by TMA reduce-add (jax 0.11+; else the same)
-            cfg = BwdConfig(fused_dq=fused)
+        for cfg in BWD_LOWER_CONFIGS:
             g = jax.jit(lambda *a, spec=spec, cfg=cfg: flex_bwd(*a, spec=spec, cfg=cfg))
             lowered = g.trace(x, x, x, x, lse, lse, call.tables, call.mods)
             assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
@@ -443,9 +478,6 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
         fj.flex_attention(q, k, v, block_mask=halves, kernel_options=MOSAIC)
     docs = prepare(q, k, v, None, fj.create_block_mask(_documents(S), 1, 1, S, S)).mods
     assert MOSAIC_GPU.supports(spec, docs) is None  # staged through shared memory
-    assert "not yet run through the GPU test suites" in MOSAIC_GPU.auto(
-        replace(interpret=False), docs
-    )
     with pytest.raises(dispatch.BackendUnavailable, match="float16, bfloat16"):
         fj.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), kernel_options=MOSAIC)
     assert dispatch.select_backend("AUTO", spec, mods).name == "TRITON"  # interpret mode
@@ -461,6 +493,11 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
         dispatch.select_backend("AUTO", replace(interpret=False, E=96, Ev=96), mods).name
         == "TRITON"
     )
+    assert MOSAIC_GPU.auto(compiled, docs) is None  # staged reads: measured faster
+    natten = prepare(q, k, v, None, fj.create_block_mask(_natten, 1, 1, S, S)).mods
+    assert MOSAIC_GPU.supports(compiled, natten) is None  # runs when asked for
+    assert "dividing its indices" in MOSAIC_GPU.auto(compiled, natten)  # measured slower
+    assert dispatch.select_backend("AUTO", compiled, natten).name == "TRITON"
     monkeypatch.setattr(mosaic_backend, "_is_sm90", lambda: False)  # an A100
     assert dispatch.select_backend("AUTO", compiled, mods).name == "TRITON"
     monkeypatch.undo()
@@ -523,12 +560,18 @@ GPU_BWD_CASES = [
 @pytest.mark.parametrize(
     "case", GPU_BWD_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}"
 )
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-dq", "dq-kernel"])
-def test_compiled_backward_matches_reference_on_gpu(case, fused):
+@pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order"])
+def test_compiled_backward_matches_reference_on_gpu(case, variant):
     """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
-    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only)."""
+    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); and the default's other
+    matmul order and consumer schedule (`BwdConfig.paired`, `.schedule_barrier`)."""
     name, score_mod, mask_mod, group, D, dtype = case
-    options = {**MOSAIC, "MOSAIC_FUSED_DQ": fused}
+    options = {
+        "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},
+        "dq-kernel": MOSAIC,
+        "other-order": {**MOSAIC, "MOSAIC_BWD_PAIRED": not BwdConfig.paired,
+                        "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier},
+    }[variant]  # fmt: skip
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)
     bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S)

@@ -12,15 +12,19 @@ backend runs each kernel of a call, and why.
 `supports` says what it cannot run, so AUTO passes such a call on to the
 next backend and a forced `BACKEND="MOSAIC_GPU"` raises with the reason.
 AUTO tries this backend first for compiled calls on sm90 (measured faster
-than Triton there: bench/results/mosaic_gpu_h100_2026-11-28.md), and never
-in interpret mode, where Triton's interpreter is many times faster (force it
-with `kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
+than Triton there: bench/results/mosaic_gpu_h100_2026-11-28.md), except
+where `auto` says it measured slower (mask_mods dividing their indices) or
+has not been measured (short queries); never in interpret mode, where
+Triton's interpreter is many times faster (force it with
+`kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
 
 Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER") and
 `longest_first` ("MOSAIC_LONGEST_FIRST"); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
-kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel);
+kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
+`stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED") and
+`schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER");
 the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 "MOSAIC_DECODE_BLOCK_N", "MOSAIC_DECODE_STAGES".
 """
@@ -28,6 +32,8 @@ the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax._src import core as jax_core
 
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
@@ -40,7 +46,7 @@ from pallas_kernels.mosaic_gpu.fwd import (
     fwd_refusal,
     smem_bytes,
 )
-from pallas_kernels.mosaic_gpu.staging import KV, Q, read_kinds
+from pallas_kernels.mosaic_gpu.staging import read_kinds
 from pallas_kernels.runtime import has_gpu
 from pallas_kernels.spec import KernelSpec, Mods
 from pallas_kernels.triton import TRITON
@@ -56,10 +62,32 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_SCHEDULE_BARRIER": ("fwd", "schedule_barrier"),
     "MOSAIC_LONGEST_FIRST": ("fwd", "longest_first"),
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
+    "MOSAIC_BWD_STAGES": ("bwd", "stages"),
+    "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
+    "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
     "MOSAIC_DECODE_SPLITS": ("decode", "splits"),
     "MOSAIC_DECODE_BLOCK_N": ("decode", "block_n"),
     "MOSAIC_DECODE_STAGES": ("decode", "stages"),
 }
+
+
+def _divides_indices(program) -> bool:
+    """Whether a mod's program has an integer division or remainder (nested jaxprs too)."""
+    if program is None:
+        return False
+
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("div", "rem") and jnp.issubdtype(
+                eqn.outvars[0].aval.dtype, jnp.integer
+            ):
+                return True
+            for sub in jax_core.jaxprs_in_params(eqn.params):
+                if walk(sub):
+                    return True
+        return False
+
+    return walk(program.jaxpr)
 
 
 def _is_sm90() -> bool:
@@ -102,10 +130,12 @@ class MosaicGpuBackend(dispatch.Backend):
     def auto(self, spec: KernelSpec, mods: Mods) -> str | None:
         if spec.interpret:
             return "interpret mode (the Triton kernels interpret much faster; force it by name)"
-        kinds = [read_kinds(p) for p in mods.programs]
-        if any(not isinstance(k, str) and (Q in k or KV in k) for k in kinds):
-            # Checked in interpret mode (races too), lowered for cuda, run at one GPU shape only.
-            return "staged captured-array reads (q_idx / kv_idx) have not yet run through the GPU test suites"
+        if _divides_indices(mods.mask):
+            return (
+                "a mask_mod dividing its indices (2-D neighbourhoods such as natten, sasa): the "
+                "Mosaic GPU forward measured 1.25-1.37x slower than Triton's there "
+                "(bench/results/seed_table_fp16_d64_h200_2026-11-29_index_vectors.md)"
+            )
         if spec.L % spec.q_block_size:
             return "short queries: the Mosaic GPU decode kernel has not been measured faster"
         return self.supports(spec, mods)
@@ -124,6 +154,12 @@ class MosaicGpuBackend(dispatch.Backend):
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
         bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
+        if mosaic_bwd.smem_bytes(spec, bwd) > SMEM_BYTES:
+            raise ValueError(
+                f"kernel_options MOSAIC_BWD_STAGES={bwd.stages}: the backward's rings need "
+                f"{mosaic_bwd.smem_bytes(spec, bwd)} bytes of shared memory, more than the "
+                f"{SMEM_BYTES} an sm90 CTA has; use fewer stages"
+            )
         dec = None
         if decode:
             sms = triton_configs.sm_count()
@@ -131,13 +167,10 @@ class MosaicGpuBackend(dispatch.Backend):
         return dispatch.KernelConfigs(fwd=fwd, bwd=bwd, decode=dec)
 
     def candidates(self, kind, spec, mods, fixed):
-        if kind == "bwd":  # the Triton fallback's space (the Mosaic backward has 2 stages)
-            fused = fixed.get("MOSAIC_FUSED_DQ", False)
+        if kind == "bwd":  # the Triton fallback's space; the Mosaic fields as fixed (or defaults)
+            own = {f: fixed[key] for key, (k, f) in _OPTIONS.items() if k == "bwd" and key in fixed}
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
-                yield (
-                    {**values, "fused_dq": fused},
-                    mosaic_bwd.BwdConfig(fused_dq=fused, triton=cfg),
-                )
+                yield {**values, **own}, mosaic_bwd.BwdConfig(**own, triton=cfg)
             return
         if kind != "fwd" or fwd_refusal(spec):  # (the forward: Triton's, for a short query)
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
@@ -153,9 +186,10 @@ class MosaicGpuBackend(dispatch.Backend):
 
     def config_from(self, kind, values):
         if kind == "bwd":
-            values = dict(values)
-            fused = values.pop("fused_dq", False)
-            return mosaic_bwd.BwdConfig(fused_dq=fused, triton=TRITON.config_from(kind, values))
+            own = {f for k, f in _OPTIONS.values() if k == "bwd"}
+            mine = {key: value for key, value in values.items() if key in own}
+            rest = {key: value for key, value in values.items() if key not in own}
+            return mosaic_bwd.BwdConfig(**mine, triton=TRITON.config_from(kind, rest))
         if kind == "fwd" and values.get("triton"):
             values = {key: value for key, value in values.items() if key != "triton"}
             return FwdConfig(triton=TRITON.config_from(kind, values))

@@ -64,11 +64,17 @@ class BwdConfig:
     """stages: depth of the streamed operand's ring (both kernels); fused_dq: accumulate dq
     in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
     deterministic) instead of running the dq kernel; off by default: no faster on an H200
-    (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); triton: the Triton backward's
-    config, for the calls this backward refuses (`bwd_refusal`)."""
+    (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
+    S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
+    (three); schedule_barrier: the two consumers take turns between their matmul groups
+    (the forward's ping-pong: one runs its elementwise work while the other's matmuls use
+    the tensor cores); triton: the Triton backward's config, for the calls this backward
+    refuses (`bwd_refusal`)."""
 
     stages: int = 2
     fused_dq: bool = False
+    paired: bool = False
+    schedule_barrier: bool = False
     triton: Any = None
 
     def __post_init__(self):
@@ -83,11 +89,20 @@ def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
     tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + cfg.stages * (2 * R * D * item + 2 * R * 4)
-    if spec.group_size > 1 or spec.kv_batch_broadcast or fused:
-        dkdv += CONSUMERS * R * D * 4  # float32 staging
+    if spec.group_size > 1 or spec.kv_batch_broadcast:
+        dkdv += CONSUMERS * R * D * 4  # float32 staging of dk, dv
     if fused:
-        dkdv += CONSUMERS * R * R * item  # dS^T
+        dkdv += 2 * CONSUMERS * R * R * item  # dS^T, two steps' buffers
+        dkdv += CONSUMERS * R * _dq_cols(spec) * 4  # float32 staging of dq's part
     return max(0 if fused else dq, dkdv) + 2 * CONSUMERS * R * 4 + tables + 4 * 1024
+
+
+def _dq_cols(spec: KernelSpec) -> int:
+    """Columns of dq each consumer computes in the fused dk/dv kernel: with 128-column
+    heads, half (the step's dS over both consumers' kv rows, times their K's half: one
+    reduce-add of each dq element per step, and half the accumulator registers); else all
+    (each consumer's dS times its own K: column halves would split a swizzled row)."""
+    return spec.E // CONSUMERS if spec.E == 128 else spec.E
 
 
 def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str | None:
@@ -107,6 +122,33 @@ def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str
 def _bcast(x, shape, dim: int):
     """A row (dim 0) or column (dim 1) vector broadcast to a tile."""
     return lax.broadcast_in_dim(x, shape, [dim])
+
+
+class _Turns:
+    """The consumers' ping-pong (`BwdConfig.schedule_barrier`; a no-op when off): `turn()` is
+    a rendezvous of the two consumers on `bar`. Consumer 1 takes one before its first step
+    and consumer 0 one after its last, so each step's turns pair one consumer's issued
+    matmuls with the other's elementwise work, as in the forward."""
+
+    def __init__(self, bar, wg):
+        self.bar, self.wg = bar, wg
+
+    def turn(self):
+        if self.bar is not None:
+            plgpu.barrier_arrive(self.bar.at[0])
+            plgpu.barrier_wait(self.bar.at[0])
+
+    def start(self):
+        if self.bar is not None:
+            pl.when(self.wg == 1)(self.turn)
+
+    def end(self):
+        if self.bar is not None:
+            pl.when(self.wg == 0)(self.turn)
+
+
+def _sched_scratch(cfg: BwdConfig):
+    return plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None
 
 
 class _Kernel:
@@ -181,26 +223,38 @@ class _Kernel:
         """acc + lhs @ rhs_smem, lhs in registers (`compat.matmul_acc`)."""
         return compat.matmul_acc(acc, lhs.astype(self.dtype), rhs_smem, staging, self.interpret)
 
-    def matmuls(self, terms, staging):
+    def matmuls(self, terms, staging, after=None):
         """[acc + lhs @ rhs for (acc, lhs, rhs, how) in terms], issued together on the GPU
-        (one wait for all). how: "reg" (lhs in registers, as `matmul_acc`), "nt" (lhs and
-        rhs in shared memory, rhs read transposed), "ref" (lhs a shared-memory view as given).
-        Interpret mode runs them one by one through the helpers above."""
+        (one wait for all; `after()` runs once they are issued). how: "reg" (lhs in
+        registers, as `matmul_acc`), "nt" (lhs and rhs in shared memory, rhs read
+        transposed), "ref" (lhs a shared-memory view as given), "refs" (lhs a list of
+        (lhs, rhs) shared-memory views whose products are summed; rhs unused). Interpret mode
+        runs them one by one through the helpers above."""
         if self.interpret:
             out = []
             for acc, lhs, rhs, how in terms:
+                if how == "refs":
+                    raise ValueError("interpret mode reads no transposed shared-memory lhs")
                 if how == "reg":
                     out.append(self.matmul_acc(acc, lhs, rhs, staging))
                 elif how == "nt":
                     out.append(acc + compat.matmul_nt(lhs, rhs, acc.shape, True))
                 else:
                     raise ValueError("interpret mode reads no transposed shared-memory lhs")
+            if after is not None:
+                after()
             return out
 
         def mm(acc_refs):
             for acc_ref, (_, lhs, rhs, how) in zip(acc_refs, terms, strict=True):
+                if how == "refs":  # lhs: (lhs, rhs) pairs of shared-memory views, summed
+                    for a, b in lhs:
+                        plgpu.wgmma(acc_ref, a, b)
+                    continue
                 lhs = lhs.astype(self.dtype) if how == "reg" else lhs
                 plgpu.wgmma(acc_ref, lhs, rhs.transpose((1, 0)) if how == "nt" else rhs)
+            if after is not None:
+                after()
 
         return list(pl.run_state(mm)(tuple(plgpu.ACC.init(t[0]) for t in terms)))
 
@@ -247,7 +301,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         const_refs = rest[: len(consts)]
         dq_ref, scratch = rest[len(consts) :]
         (q_s, do_s, lse_s, delta_s, k_s, v_s, ds_s, q_stage, kv_stage, tp_s, tf_s, t_bar, q_bar,
-         k_bar, v_bar, c_bar) = scratch  # fmt: skip
+         k_bar, v_bar, c_bar, sched_bar) = scratch  # fmt: skip
         refs = kern.split(const_refs)
         h, r, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
@@ -279,6 +333,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             dlt = compat.load_vector(delta_s.at[wg], compat.ROW, interpret)
             ops, mods = kern.mod_tiles(const_refs, tile)
             q_tiles = reads.tiles(reads.q, q_stage, wg, tile, 0, interpret)
+            turns = _Turns(sched_bar, wg)
 
             def step(j, dq, masked: bool):
                 slot = lax.rem(j, stages)
@@ -286,26 +341,29 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
                 plgpu.barrier_wait(v_bar.at[slot])
                 s, dp = kern.matmuls(
                     [(kern.zeros(tile), qw, k_s.at[slot], "nt"),
-                     (kern.zeros(tile), dow, v_s.at[slot], "nt")], None,
+                     (kern.zeros(tile), dow, v_s.at[slot], "nt")], None, after=turns.turn,
                 )  # fmt: skip
                 s = scaled(s, kern.pre)
-                q_idx = q_row0 + ops.iota(tile, 0)
-                kv_idx = block(j) * bkv + ops.iota(tile, 1)
+                q_idx = ops.index(q_row0, 0)
+                kv_idx = ops.index(block(j) * bkv, 1)
                 kv_tiles = reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret)
                 ops.staged = reads.order(q_tiles | kv_tiles, masked)
                 s, _, pullback = mods.apply(s, b, h, q_idx, kv_idx, masked, ())
                 pullback = compat.without_add_any(pullback)
                 p = jnp.exp2(s * kern.to_base2 - _bcast(lse_b2, tile, 0))
                 ds, _ = pullback(p * (dp - _bcast(dlt, tile, 0)))
+                turns.turn()
                 dq = kern.matmul_acc(dq, ds, k_s.at[slot], ds_s.at[wg] if interpret else None)
                 kern.release(c_bar.at[slot], bool(reads.kv))  # K, V (and slices) are read
                 return dq
 
             dq = kern.zeros((bq, D))
+            turns.start()
             if spec.has_partial:
                 dq = lax.fori_loop(0, n_p, functools.partial(step, masked=True), dq)
             if spec.has_full:
                 dq = lax.fori_loop(n_p, n, functools.partial(step, masked=False), dq)
+            turns.end()
             kern.store_tiles([(dq * spec.scale, qw, dq_ref.at[kern.at(b, h, rows)])])
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
@@ -326,6 +384,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K slot filled
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
+        _sched_scratch(cfg),  # the consumers' turns
     )
     grid = (spec.Hq, spec.R, spec.B)
     out = jax.ShapeDtypeStruct(q.shape, dtype)
@@ -339,7 +398,10 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
 def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfig,
           dq_acc=None):  # fmt: skip
     """dk, dv; with dq_acc (a float32 `jax.Ref` of q's shape, zeros) also each step's
-    dS^T-transposed product with K, added into dq_acc by TMA reduce-add (`_fused_dq`)."""
+    dS^T-transposed product with K, added into dq_acc by TMA reduce-add (`fused_dq`): the
+    consumers write their dS^T into a shared buffer (one per step parity, so one consumer
+    never overwrites what the other may still read), meet, and each multiplies by K its
+    `_dq_cols` columns of dq."""
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     fused = dq_acc is not None
     bq = bkv = _ROWS
@@ -350,14 +412,16 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     halves = spec.q_block_size // bq
     per_head = spec.group_size > 1 or spec.kv_batch_broadcast  # summed afterwards, in float32
     out_dtype = jnp.float32 if per_head else dtype
+    dq_cols = _dq_cols(spec)
+    split = dq_cols != D  # each consumer: dq's column half, over both consumers' kv rows
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
              fidx_ref, *rest):  # fmt: skip
         const_refs = rest[: len(consts)]
         dq_ref = rest[len(consts)] if fused else None
         dk_ref, dv_ref, scratch = rest[len(consts) + fused :]
-        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, q_stage, kv_stage, tp_s, tf_s,
-         t_bar, kv_bar, bar, c_bar) = scratch  # fmt: skip
+        (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, dq_s, q_stage, kv_stage, tp_s,
+         tf_s, t_bar, kv_bar, bar, c_bar, sched_bar, ds_bar) = scratch  # fmt: skip
         refs = kern.split(const_refs)
         h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
@@ -391,47 +455,76 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             ops, mods = kern.mod_tiles(const_refs, tile)
             kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
             staging = p_s.at[wg] if interpret else None
+            turns = _Turns(sched_bar, wg)  # (None with split dq: the dS^T meeting pairs them)
 
             def step(j, carry, masked: bool):
                 dk, dv = carry
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(bar.at[slot])
                 qj, doj = q_s.at[slot], do_s.at[slot]
-                st = scaled(compat.matmul_nt(kw, qj, tile, interpret), kern.pre)
-                q_idx = q_rows(j) + ops.iota(tile, 1)
-                kv_idx = kv_row0 + ops.iota(tile, 0)
+                if cfg.paired:  # S^T and dP^T issued together
+                    st, dpt = kern.matmuls(
+                        [(kern.zeros(tile), kw, qj, "nt"), (kern.zeros(tile), vw, doj, "nt")],
+                        None, after=turns.turn,
+                    )  # fmt: skip
+                else:
+                    st = compat.matmul_nt(kw, qj, tile, interpret, after=turns.turn)
+                st = scaled(st, kern.pre)
+                q_idx = ops.index(q_rows(j), 1)
+                kv_idx = ops.index(kv_row0, 0)
                 q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
                 ops.staged = reads.order(q_tiles | kv_tiles, masked)
                 st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
                 pullback = compat.without_add_any(pullback)
                 lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
                 pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
-                dv, dpt = kern.matmuls(
-                    [(dv, pt, doj, "reg"), (kern.zeros(tile), vw, doj, "nt")], staging
-                )
+                if not cfg.paired:
+                    dv, dpt = kern.matmuls(
+                        [(dv, pt, doj, "reg"), (kern.zeros(tile), vw, doj, "nt")], staging
+                    )
                 dlt = compat.load_vector(delta_s.at[slot], compat.COL, interpret)
                 dst, _ = pullback(pt * (dpt - _bcast(dlt, tile, 1)))
-                (dk,) = kern.matmuls([(dk, dst, qj, "reg")], staging)
+                terms = [(dk, dst, qj, "reg")]
+                if cfg.paired:  # dV and dK issued together
+                    terms.insert(0, (dv, pt, doj, "reg"))
                 if fused:  # dq's part: dS^T through shared memory, read transposed by wgmma
-                    # (issued after dk's, not with it: three live accumulators spill, and
-                    # measured 6% slower on an H200)
-                    ds_s.at[wg][...] = dst.astype(dtype)
+                    ds_buf = ds_s.at[lax.rem(j, 2)]
+                    ds_buf.at[wg][...] = dst.astype(dtype)
                     plgpu.commit_smem()
-                    dq_t = ds_s.at[wg].transpose((1, 0))
-                    (dq_part,) = kern.matmuls([(kern.zeros((bq, D)), dq_t, kw, "ref")], None)
-                    dq_out = dq_ref.at[kern.at(b, h, pl.ds(q_rows(j), bq))]
-                    _reduce_add(dq_part, out_s.at[wg], dq_out)
+                    if split:  # both consumers' dS^T are written
+                        plgpu.barrier_arrive(ds_bar.at[0])
+                        plgpu.barrier_wait(ds_bar.at[0])
+                        cols = pl.ds(wg * dq_cols, dq_cols)
+                        pairs = [(ds_buf.at[w].transpose((1, 0)), k_s.at[w, :, cols])
+                                 for w in range(CONSUMERS)]  # fmt: skip
+                    else:
+                        pairs = [(ds_buf.at[wg].transpose((1, 0)), kw)]
+                    terms.append((kern.zeros((bq, dq_cols)), pairs, None, "refs"))
+                turns.turn()
+                out = kern.matmuls(terms, staging)
+                if cfg.paired:
+                    dv, out = out[0], out[1:]
+                dk = out[0]
+                if fused:
+                    rows = pl.ds(q_rows(j), bq)
+                    dq_out = dq_ref.at[kern.at(b, h, rows)]
+                    _reduce_add(out[1], dq_s.at[wg], dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)] if split else dq_out)  # fmt: skip
                 kern.release(c_bar.at[slot], bool(reads.q))
                 return dk, dv
 
             carry = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
+            turns.start()
             if spec.has_partial:
                 carry = lax.fori_loop(0, n_p * halves, functools.partial(step, masked=True), carry)
             if spec.has_full:
                 carry = lax.fori_loop(n_p * halves, n, functools.partial(step, masked=False), carry)
+            turns.end()
             dk, dv = carry
             if fused:  # the last reduce-add has read its staging tile
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if fused and split:  # the other consumer's last dq product has read our K
+                plgpu.barrier_arrive(ds_bar.at[0])
+                plgpu.barrier_wait(ds_bar.at[0])
             dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
             if per_head:  # one float32 staging tile, used twice
                 kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
@@ -450,15 +543,17 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         plgpu.SMEM((stages, bq), jnp.float32),  # lse ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         plgpu.SMEM((CONSUMERS, bkv, bq), dtype) if interpret else None,  # P, dS (interpret)
-        # float32 staging: dk, dv when summed afterwards; each step's dq when fused
-        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head or fused else None,
-        _smem((CONSUMERS, bkv, bq), dtype, interpret) if fused else None,  # dS^T for dq
+        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head else None,  # dk, dv f32
+        _smem((2, CONSUMERS, bkv, bq), dtype, interpret) if fused else None,  # dS^T, 2 steps
+        _smem((CONSUMERS, bq, dq_cols), jnp.float32, interpret) if fused else None,  # dq part
         reads.scratch(reads.q, stages, bq),  # the q_idx slices
         reads.scratch(reads.kv, CONSUMERS, bkv),  # the kv_idx slices
         *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
         plgpu.Barrier(num_arrivals=2 + len(reads.kv), num_barriers=CONSUMERS),  # K, V
         plgpu.Barrier(num_arrivals=4 + len(reads.q), num_barriers=stages),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
+        None if fused and split else _sched_scratch(cfg),  # the consumers' turns
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if fused and split else None,  # dS^T
     )
     out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)
     grid = (spec.Hq, spec.C, spec.B)

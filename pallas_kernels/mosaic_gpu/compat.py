@@ -32,6 +32,7 @@ __all__ = [
     "compiler_params",
     "interpret_params",
     "iota",
+    "iota_vector",
     "kernel",
     "layout_cast",
     "load_vector",
@@ -82,6 +83,13 @@ def iota(shape, dim: int, interpret: bool):
     if interpret:
         return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def iota_vector(n: int, dim: int, interpret: bool):
+    """int32 0..n-1 as the row (dim 0) or column (dim 1) vector of a WGMMA tile."""
+    if interpret:
+        return lax.iota(jnp.int32, n)
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=ROW if dim == 0 else COL)
 
 
 def load_vector(ref, layout, interpret: bool):

@@ -221,7 +221,7 @@ def flex_decode(
                 staged = reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret, needed)
                 s = scaled(compat.matmul_nt(q_s, k_s.at[slot], tile, interpret), pre)
                 if masked or mods_.score is not None:
-                    kv_idx = kv_row(t) + ops.iota(tile, 1)
+                    kv_idx = ops.index(kv_row(t), 1)
                     ops.staged = reads.order(staged, masked)
                     s, _, _ = mods_.apply(s, b, h, q_idx, kv_idx, masked)
                 m_new = jnp.maximum(m_i, s.max(axis=1))

@@ -239,8 +239,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 plgpu.barrier_arrive(kc_bar.at[slot])
                 s = scaled(s, pre)
                 if masked or mods_.score is not None:
-                    q_idx = q_row0 + ops.iota(tile, 0)
-                    kv_idx = kv_block(j) * bkv + ops.iota(tile, 1)
+                    q_idx = ops.index(q_row0, 0)
+                    kv_idx = ops.index(kv_block(j) * bkv, 1)
                     ops.staged = reads.order(staged, masked)
                     s, _, _ = mods_.apply(s, b, h, q_idx, kv_idx, masked)
                 m_new = jnp.maximum(m_i, s.max(axis=1))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.mod_trace import ModTraceError
 from pallas_kernels.mosaic_gpu import compat
-from pallas_kernels.tile_ops import TileOps
+from pallas_kernels.tile_ops import IndexVector, TileOps
 
 __all__ = ["MosaicTileOps"]
 
@@ -33,6 +33,12 @@ class MosaicTileOps(TileOps):
         if tuple(shape) != self.tile_shape:
             raise ValueError(f"Mosaic GPU index tiles are {self.tile_shape}, asked for {shape}")
         return compat.iota(self.tile_shape, dim, self.interpret)
+
+    def index(self, start, dim: int) -> IndexVector:
+        """start + the tile's row (dim 0) or column (dim 1) numbers, as an `IndexVector`
+        in the WGMMA tile's row or column layout: the mods' index math runs on the vector."""
+        n = self.tile_shape[dim]
+        return IndexVector(start + compat.iota_vector(n, dim, self.interpret), dim, self.tile_shape)
 
     def gather(self, ref, flat):
         """A scalar index: one load. An index tile: the next staged slice, broadcast (the
