@@ -7,7 +7,8 @@ kernels; "fused dq" is its backward with dq accumulated in the dk/dv kernel by
 TMA reduce-add rather than in a separate kernel). Every row is timed the same way, the loop timer
 (`timing.py`: back-to-back calls, one sync, median of three loops).
 TFLOP/s counts the causal half of 4*B*H*S*S*D (forward; x2.5 with the
-backward). flexjax's MOSAIC_GPU rows also give each config tried
+backward). "pipelined" is its forward with each step's QK^T issued together
+with the previous step's PV. flexjax's MOSAIC_GPU rows also give each config tried
 (K/V ring depth, schedule barrier, longest rows first); a config that does
 not fit shared memory is reported and skipped.
 
@@ -63,6 +64,9 @@ def _jax_rows(q, k, v, do, bm, reps, n_configs):
     ]  # fmt: skip
     variants.append(
         ("flexjax MOSAIC_GPU fused dq", {"BACKEND": "MOSAIC_GPU", "MOSAIC_FUSED_DQ": True})
+    )
+    variants.append(
+        ("flexjax MOSAIC_GPU pipelined", {"BACKEND": "MOSAIC_GPU", "MOSAIC_PIPELINED": True})
     )
     for name, options in variants:
         f = jax.jit(functools.partial(fj.flex_attention, block_mask=bm, kernel_options=options))

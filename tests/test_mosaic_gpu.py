@@ -408,7 +408,13 @@ def test_gpu_kernel_lowers_for_cuda(name):
     call = prepare(q, k, v, score_mod, bm, kernel_options={"interpret": False})
     alt = FwdConfig(stages=4 if D == 64 else 2, schedule_barrier=False, longest_first=False)
     bshd = dataclasses.replace(call.spec, layout=Layout.BSHD)  # [B, S, H, D] tiles
-    for cfg, spec in ((FwdConfig(), call.spec), (alt, call.spec), (FwdConfig(), bshd)):
+    piped = FwdConfig(pipelined=True)  # QK^T with the previous step's PV (compiled only)
+    for cfg, spec in (
+        (FwdConfig(), call.spec),
+        (alt, call.spec),
+        (FwdConfig(), bshd),
+        (piped, bshd),
+    ):
         f = jax.jit(
             lambda q, k, v, t, m, cfg=cfg, spec=spec: flex_fwd(
                 q, k, v, t, m, None, spec=spec, cfg=cfg
@@ -522,14 +528,17 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}")
-def test_compiled_forward_matches_reference_on_gpu(case):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["", "pipelined"])
+def test_compiled_forward_matches_reference_on_gpu(case, pipelined):
+    """The forward, and its pipelined order (MOSAIC_PIPELINED: QK^T with the previous PV)."""
     name, score_mod, mask_mod, block, D, dtype = case
     B, H, S = 2, 4, 2048
     q, k, v = random_qkv(7, B, H, S, S, D, dtype=dtype)
     bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=block)
+    options = {**MOSAIC, "MOSAIC_PIPELINED": pipelined}
     out, lse = jax.jit(
         lambda q, k, v: fj.flex_attention(
-            q, k, v, score_mod, bm, return_lse=True, kernel_options=MOSAIC
+            q, k, v, score_mod, bm, return_lse=True, kernel_options=options
         )
     )(q, k, v)
     ref, ref_lse = flex_attention_reference(
@@ -539,7 +548,7 @@ def test_compiled_forward_matches_reference_on_gpu(case):
     t = lambda x: jnp.swapaxes(x, 1, 2)  # the same call in jax.nn's [B, T, N, H] layout
     out2, lse2 = jax.jit(
         lambda q, k, v: fj.dot_product_attention(
-            q, k, v, score_mod, bm, return_lse=True, kernel_options=MOSAIC
+            q, k, v, score_mod, bm, return_lse=True, kernel_options=options
         )
     )(t(q), t(k), t(v))
     np.testing.assert_array_equal(np.asarray(t(out2)), np.asarray(out))

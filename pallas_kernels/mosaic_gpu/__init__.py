@@ -19,8 +19,9 @@ Triton's interpreter is many times faster (force it with
 `kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
 
 Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
-"MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER") and
-`longest_first` ("MOSAIC_LONGEST_FIRST"); the backward's (`bwd.BwdConfig`):
+"MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER"),
+`longest_first` ("MOSAIC_LONGEST_FIRST") and `pipelined` ("MOSAIC_PIPELINED",
+off: QK^T of a step issued with PV of the one before; not yet measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
 `stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED") and
@@ -61,6 +62,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_STAGES": ("fwd", "stages"),
     "MOSAIC_SCHEDULE_BARRIER": ("fwd", "schedule_barrier"),
     "MOSAIC_LONGEST_FIRST": ("fwd", "longest_first"),
+    "MOSAIC_PIPELINED": ("fwd", "pipelined"),
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
     "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
@@ -178,9 +180,11 @@ class MosaicGpuBackend(dispatch.Backend):
             return
         stages = [fixed["MOSAIC_STAGES"]] if "MOSAIC_STAGES" in fixed else [2, 3, 4]
         barrier = fixed.get("MOSAIC_SCHEDULE_BARRIER")
+        kept = {f: fixed[k] for k in ("MOSAIC_LONGEST_FIRST", "MOSAIC_PIPELINED") if k in fixed
+                for f in [_OPTIONS[k][1]]}  # fmt: skip
         for s in stages:
             for sb in [barrier] if barrier is not None else [True, False]:
-                values = {"stages": s, "schedule_barrier": sb}
+                values = {"stages": s, "schedule_barrier": sb, **kept}
                 if smem_bytes(spec, FwdConfig(**values)) <= SMEM_BYTES:
                     yield values, FwdConfig(**values)
 

@@ -67,12 +67,16 @@ def smem_bytes(spec: KernelSpec, cfg: FwdConfig) -> int:
 class FwdConfig:
     """stages: K/V ring depth; schedule_barrier: consumers take turns on the tensor cores;
     longest_first: CTAs take the BlockMask's rows last to first (under a causal mask the
-    longest rows start first, and the short ones fill the last wave); triton: the Triton
-    forward's config, for the calls `fwd_refusal` names."""
+    longest rows start first, and the short ones fill the last wave); pipelined: each
+    consumer issues step j's QK^T with step j-1's PV and runs the softmax of S_j while PV
+    runs (compiled kernels only: the interpreter has no in-place accumulator, so interpret
+    mode runs the unpipelined order); triton: the Triton forward's config, for the calls
+    `fwd_refusal` names."""
 
     stages: int = 2
     schedule_barrier: bool = True
     longest_first: bool = True
+    pipelined: bool = False
     triton: Any = None
 
     def __post_init__(self):
@@ -214,11 +218,11 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
             q_tiles = reads.tiles(reads.q, q_stage, wg, tile, 0, interpret)
             mods_ = TileMods(spec, programs, const_refs[:n_score], const_refs[n_score:], None, ops)
 
-            acc = compat.layout_cast(jnp.zeros((bq, D), jnp.float32), compat.WGMMA, interpret)
-            m_i = compat.layout_cast(
+            acc0 = compat.layout_cast(jnp.zeros((bq, D), jnp.float32), compat.WGMMA, interpret)
+            m_i0 = compat.layout_cast(
                 jnp.full((bq,), MASKED_SCORE, jnp.float32), compat.ROW, interpret
             )
-            l_i = compat.layout_cast(jnp.zeros((bq,), jnp.float32), compat.ROW, interpret)
+            l_i0 = compat.layout_cast(jnp.zeros((bq,), jnp.float32), compat.ROW, interpret)
 
             @pl.when(n > 0)
             def _():
@@ -226,17 +230,21 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
             pl.when(wg == 1)(sched)
 
-            def step(j, carry, masked: bool):
-                acc, m_i, l_i = carry
-                slot = lax.rem(j, stages)
-                # The kv_idx slices share K's slot: read them before releasing it (the
-                # producer refills both once the consumers arrive on kc_bar).
+            def staged_for(j, masked: bool):
+                """The staged slices this step's mods read (the kv_idx ones share K's slot:
+                read them before releasing it; the producer refills both once the consumers
+                arrive on kc_bar)."""
                 needed = lambda read: read[0] == 0 or masked  # mask_mod: partial blocks only
-                staged = q_tiles | reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret, needed)
-                s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
-                if reads.kv:  # order those ordinary reads before the TMA that refills the slot
+                slot = lax.rem(j, stages)
+                return q_tiles | reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret, needed)
+
+            def release_k(slot):
+                if reads.kv:  # order the slices' reads before the TMA that refills the slot
                     plgpu.commit_smem()  # (fence.proxy.async; jax 0.11's interpreter checks it)
                 plgpu.barrier_arrive(kc_bar.at[slot])
+
+            def online_softmax(s, j, masked: bool, staged, m_i, l_i):
+                """Step j's raw scores -> (P in dtype, new max, new sum, the rescale alpha)."""
                 s = scaled(s, pre)
                 if masked or mods_.score is not None:
                     q_idx = ops.index(q_row0, 0)
@@ -247,21 +255,28 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 m_base2 = jnp.where(m_new == MASKED_SCORE, 0.0, m_new) * to_base2
                 p = jnp.exp2(s * to_base2 - _row_bcast(m_base2, tile))
                 alpha = jnp.exp2(m_i * to_base2 - m_base2)
+                return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+            def wait_next_k(j):
+                nxt = j + 1
+
+                @pl.when(nxt < n)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
+
+            def step(j, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                staged = staged_for(j, masked)
+                s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
+                release_k(slot)
+                p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
                 acc = acc * _row_bcast(alpha, acc.shape)
-                l_i = l_i * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
                 if cfg.schedule_barrier:  # done with the softmax: the other consumer's turn
                     plgpu.barrier_arrive(sched_bar.at[0])
                 plgpu.barrier_wait(v_bar.at[slot])
                 if cfg.schedule_barrier:
                     plgpu.barrier_wait(sched_bar.at[0])
-
-                def wait_next_k():
-                    nxt = j + 1
-
-                    @pl.when(nxt < n)
-                    def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
 
                 if interpret:  # no register-LHS wgmma nor in-place accumulator: stage P, add
                     p_s.at[wg][...] = p16
@@ -269,7 +284,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
-                        wait_next_k()
+                        wait_next_k(j)
                         return acc_ref[...]
 
                     acc = acc + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
@@ -277,30 +292,96 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p16, v_s.at[slot])
-                        wait_next_k()
+                        wait_next_k(j)
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(vc_bar.at[slot])
                 return acc, m_new, l_i
 
-            carry = (acc, m_i, l_i)
-            if partial:
-                carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
-            if full:
-                carry = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
-            acc, m_i, l_i = carry
-            pl.when(wg == 0)(sched)
+            def loops(step, carry):
+                if partial:
+                    carry = lax.fori_loop(0, n_p, functools.partial(step, masked=True), carry)
+                if full:
+                    carry = lax.fori_loop(n_p, n, functools.partial(step, masked=False), carry)
+                return carry
 
-            empty = l_i == 0.0
-            l_safe = jnp.where(empty, 1.0, l_i)
-            m_nat = jnp.where(m_i == MASKED_SCORE, 0.0, m_i) * (to_base2 / LOG2E)
-            lse = jnp.where(empty, MASKED_SCORE, m_nat + jnp.log(l_safe))
-            qo[...] = (acc / _row_bcast(l_safe, acc.shape)).astype(dtype)
-            lse_s.at[wg][...] = lse
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo, o_ref.at[at(b, h, pl.ds(q_row0, bq))])
-            plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[b, h, pl.ds(q_row0, bq)])
-            plgpu.wait_smem_to_gmem(0)
+            def pipelined(acc_ref):
+                """The loop with step j's QK^T issued together with step j-1's PV, so the
+                softmax of S_j runs while PV_{j-1} is on the tensor cores (FlashAttention-3's
+                intra-warpgroup overlap); O stays in its accumulator registers throughout."""
+
+                def pstep(j, carry, masked: bool):
+                    m_i, l_i, p_prev = carry
+                    slot, prev = lax.rem(j, stages), lax.rem(j + stages - 1, stages)
+                    staged = staged_for(j, masked)
+
+                    def qk(s_ref):
+                        plgpu.wgmma(s_ref, qo, k_s.at[slot].transpose((1, 0)))
+
+                        @pl.when(j > 0)
+                        def _():
+                            plgpu.barrier_wait(v_bar.at[prev])
+                            plgpu.wgmma(acc_ref, p_prev, v_s.at[prev])
+
+                        sched()
+
+                        @pl.when(j == 0)
+                        def _():
+                            plgpu.wgmma_wait(0)
+
+                        @pl.when(j > 0)
+                        def _():
+                            plgpu.wgmma_wait(1)  # S_j is done; PV_{j-1} may still run
+
+                        return plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
+
+                    s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+                    release_k(slot)
+                    p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
+                    if cfg.schedule_barrier:
+                        plgpu.barrier_arrive(sched_bar.at[0])
+                    plgpu.wgmma_wait(0)  # PV_{j-1} is done: rescale O, release V_{j-1}
+
+                    @pl.when(j > 0)
+                    def _():
+                        plgpu.barrier_arrive(vc_bar.at[prev])
+
+                    acc_ref[...] = acc_ref[...] * _row_bcast(alpha, (bq, D))
+                    wait_next_k(j)
+                    if cfg.schedule_barrier:
+                        plgpu.barrier_wait(sched_bar.at[0])
+                    return m_new, l_i, p16
+
+                p0 = compat.layout_cast(jnp.zeros(tile, dtype), compat.WGMMA, False)
+                m_i, l_i, p_last = loops(pstep, (m_i0, l_i0, p0))
+                last = lax.rem(n + stages - 1, stages)
+
+                @pl.when(n > 0)
+                def _():
+                    plgpu.barrier_wait(v_bar.at[last])
+                    plgpu.wgmma(acc_ref, p_last, v_s.at[last])
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(vc_bar.at[last])
+
+                finish(acc_ref[...], m_i, l_i)
+
+            def finish(acc, m_i, l_i):
+                pl.when(wg == 0)(sched)
+                empty = l_i == 0.0
+                l_safe = jnp.where(empty, 1.0, l_i)
+                m_nat = jnp.where(m_i == MASKED_SCORE, 0.0, m_i) * (to_base2 / LOG2E)
+                lse = jnp.where(empty, MASKED_SCORE, m_nat + jnp.log(l_safe))
+                qo[...] = (acc / _row_bcast(l_safe, acc.shape)).astype(dtype)
+                lse_s.at[wg][...] = lse
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(qo, o_ref.at[at(b, h, pl.ds(q_row0, bq))])
+                plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[b, h, pl.ds(q_row0, bq)])
+                plgpu.wait_smem_to_gmem(0)
+
+            if cfg.pipelined and not interpret:
+                pl.run_state(pipelined)(plgpu.ACC.init(acc0))
+            else:
+                finish(*loops(step, (acc0, m_i0, l_i0)))
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then out
