@@ -508,7 +508,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 if fused:
                     rows = pl.ds(q_rows(j), bq)
                     dq_out = dq_ref.at[kern.at(b, h, rows)]
-                    _reduce_add(out[1], dq_s.at[wg], dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)] if split else dq_out)  # fmt: skip
+                    if split:  # this consumer's column half
+                        dq_out = dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)]
+                    _reduce_add(out[1], dq_s.at[wg], dq_out)
                 kern.release(c_bar.at[slot], bool(reads.q))
                 return dk, dv
 
