@@ -124,29 +124,6 @@ def _bcast(x, shape, dim: int):
     return lax.broadcast_in_dim(x, shape, [dim])
 
 
-class _Turns:
-    """The consumers' ping-pong (`BwdConfig.schedule_barrier`; a no-op when off): `turn()` is
-    a rendezvous of the two consumers on `bar`. Consumer 1 takes one before its first step
-    and consumer 0 one after its last, so each step's turns pair one consumer's issued
-    matmuls with the other's elementwise work, as in the forward."""
-
-    def __init__(self, bar, wg):
-        self.bar, self.wg = bar, wg
-
-    def turn(self):
-        if self.bar is not None:
-            plgpu.barrier_arrive(self.bar.at[0])
-            plgpu.barrier_wait(self.bar.at[0])
-
-    def start(self):
-        if self.bar is not None:
-            pl.when(self.wg == 1)(self.turn)
-
-    def end(self):
-        if self.bar is not None:
-            pl.when(self.wg == 0)(self.turn)
-
-
 def _sched_scratch(cfg: BwdConfig):
     return plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None
 
@@ -166,14 +143,6 @@ class _Kernel:
     def split(self, const_refs):
         """(the score_mod's captured refs, the mask_mod's)."""
         return const_refs[: self.n_score], const_refs[self.n_score :]
-
-    def release(self, consumed, staged: bool):
-        """Arrive on a ring slot's `consumed` barrier; with staged slices in the slot, first
-        order those ordinary shared-memory reads before the TMA that refills it
-        (fence.proxy.async: jax 0.11's interpreter checks it)."""
-        if staged:
-            plgpu.commit_smem()
-        plgpu.barrier_arrive(consumed)
 
     def at(self, b, h, rows):
         """The index of a [rows, D] tile of a [B, H, seq, D] array in the call's layout."""
@@ -227,14 +196,11 @@ class _Kernel:
         """[acc + lhs @ rhs for (acc, lhs, rhs, how) in terms], issued together on the GPU
         (one wait for all; `after()` runs once they are issued). how: "reg" (lhs in
         registers, as `matmul_acc`), "nt" (lhs and rhs in shared memory, rhs read
-        transposed), "ref" (lhs a shared-memory view as given), "refs" (lhs a list of
-        (lhs, rhs) shared-memory views whose products are summed; rhs unused). Interpret mode
-        runs them one by one through the helpers above."""
+        transposed), "refs" (lhs a list of (lhs, rhs) shared-memory views whose products are
+        summed; rhs unused). Interpret mode runs them one by one through the helpers above."""
         if self.interpret:
             out = []
             for acc, lhs, rhs, how in terms:
-                if how == "refs":
-                    raise ValueError("interpret mode reads no transposed shared-memory lhs")
                 if how == "reg":
                     out.append(self.matmul_acc(acc, lhs, rhs, staging))
                 elif how == "nt":
@@ -251,8 +217,10 @@ class _Kernel:
                     for a, b in lhs:
                         plgpu.wgmma(acc_ref, a, b)
                     continue
-                lhs = lhs.astype(self.dtype) if how == "reg" else lhs
-                plgpu.wgmma(acc_ref, lhs, rhs.transpose((1, 0)) if how == "nt" else rhs)
+                if how == "reg":
+                    plgpu.wgmma(acc_ref, lhs.astype(self.dtype), rhs)
+                else:  # "nt"
+                    plgpu.wgmma(acc_ref, lhs, rhs.transpose((1, 0)))
             if after is not None:
                 after()
 
@@ -333,7 +301,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             dlt = compat.load_vector(delta_s.at[wg], compat.ROW, interpret)
             ops, mods = kern.mod_tiles(const_refs, tile)
             q_tiles = reads.tiles(reads.q, q_stage, wg, tile, 0, interpret)
-            turns = _Turns(sched_bar, wg)
+            turns = ring.Turns(sched_bar, wg)
 
             def step(j, dq, masked: bool):
                 slot = lax.rem(j, stages)
@@ -354,7 +322,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
                 ds, _ = pullback(p * (dp - _bcast(dlt, tile, 0)))
                 turns.turn()
                 dq = kern.matmul_acc(dq, ds, k_s.at[slot], ds_s.at[wg] if interpret else None)
-                kern.release(c_bar.at[slot], bool(reads.kv))  # K, V (and slices) are read
+                ring.release(c_bar.at[slot], bool(reads.kv))  # K, V (and slices) are read
                 return dq
 
             dq = kern.zeros((bq, D))
@@ -455,7 +423,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             ops, mods = kern.mod_tiles(const_refs, tile)
             kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
             staging = p_s.at[wg] if interpret else None
-            turns = _Turns(sched_bar, wg)  # (None with split dq: the dS^T meeting pairs them)
+            turns = ring.Turns(sched_bar, wg)  # (None with split dq: the dS^T meeting pairs them)
 
             def step(j, carry, masked: bool):
                 dk, dv = carry
@@ -511,7 +479,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     if split:  # this consumer's column half
                         dq_out = dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)]
                     _reduce_add(out[1], dq_s.at[wg], dq_out)
-                kern.release(c_bar.at[slot], bool(reads.q))
+                ring.release(c_bar.at[slot], bool(reads.q))
                 return dk, dv
 
             carry = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))

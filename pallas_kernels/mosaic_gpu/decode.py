@@ -232,9 +232,7 @@ def flex_decode(
                 l_i = l_i * alpha + p.sum(axis=1)
                 plgpu.barrier_wait(v_bar.at[slot])
                 acc = compat.matmul_acc(acc, p.astype(dtype), v_s.at[slot], p_s, interpret)
-                if reads.kv:  # order the slices' reads before the TMA that refills the slot
-                    plgpu.commit_smem()
-                plgpu.barrier_arrive(c_bar.at[slot])
+                ring.release(c_bar.at[slot], bool(reads.kv))  # K, V (and slices) are read
                 return acc, m_new, l_i
 
             acc = compat.layout_cast(jnp.zeros((ROWS, D), jnp.float32), compat.WGMMA, interpret)

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import dispatch
-from pallas_kernels.mosaic_gpu import compat
+from pallas_kernels.mosaic_gpu import compat, ring
 from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
@@ -154,11 +154,6 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
             return (tp_s if partial else tf_s)[j]
 
-        def sched():
-            if cfg.schedule_barrier:
-                plgpu.barrier_arrive(sched_bar.at[0])
-                plgpu.barrier_wait(sched_bar.at[0])
-
         @pl.when(wg == CONSUMERS)
         def _producer():
             if not interpret:
@@ -228,7 +223,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
             def _():
                 plgpu.barrier_wait(k_bar.at[0])
 
-            pl.when(wg == 1)(sched)
+            turns = ring.Turns(sched_bar, wg)  # the consumers take turns (schedule_barrier)
+            turns.start()
 
             def staged_for(j, masked: bool):
                 """The staged slices this step's mods read (the kv_idx ones share K's slot:
@@ -237,11 +233,6 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 needed = lambda read: read[0] == 0 or masked  # mask_mod: partial blocks only
                 slot = lax.rem(j, stages)
                 return q_tiles | reads.tiles(reads.kv, kv_stage, slot, tile, 1, interpret, needed)
-
-            def release_k(slot):
-                if reads.kv:  # order the slices' reads before the TMA that refills the slot
-                    plgpu.commit_smem()  # (fence.proxy.async; jax 0.11's interpreter checks it)
-                plgpu.barrier_arrive(kc_bar.at[slot])
 
             def online_softmax(s, j, masked: bool, staged, m_i, l_i):
                 """Step j's raw scores -> (P in dtype, new max, new sum, the rescale alpha)."""
@@ -268,15 +259,13 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, stages)
                 staged = staged_for(j, masked)
-                s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=sched)
-                release_k(slot)
+                s = compat.matmul_nt(qo, k_s.at[slot], tile, interpret, after=turns.turn)
+                ring.release(kc_bar.at[slot], bool(reads.kv))
                 p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
                 acc = acc * _row_bcast(alpha, acc.shape)
-                if cfg.schedule_barrier:  # done with the softmax: the other consumer's turn
-                    plgpu.barrier_arrive(sched_bar.at[0])
+                turns.arrive()  # done with the softmax: the other consumer's turn
                 plgpu.barrier_wait(v_bar.at[slot])
-                if cfg.schedule_barrier:
-                    plgpu.barrier_wait(sched_bar.at[0])
+                turns.wait()
 
                 if interpret:  # no register-LHS wgmma nor in-place accumulator: stage P, add
                     p_s.at[wg][...] = p16
@@ -323,7 +312,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                             plgpu.barrier_wait(v_bar.at[prev])
                             plgpu.wgmma(acc_ref, p_prev, v_s.at[prev])
 
-                        sched()
+                        turns.turn()
 
                         @pl.when(j == 0)
                         def _():
@@ -336,10 +325,9 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                         return plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
 
                     s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-                    release_k(slot)
+                    ring.release(kc_bar.at[slot], bool(reads.kv))
                     p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
-                    if cfg.schedule_barrier:
-                        plgpu.barrier_arrive(sched_bar.at[0])
+                    turns.arrive()
                     plgpu.wgmma_wait(0)  # PV_{j-1} is done: rescale O, release V_{j-1}
 
                     @pl.when(j > 0)
@@ -348,8 +336,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
                     acc_ref[...] = acc_ref[...] * _row_bcast(alpha, (bq, D))
                     wait_next_k(j)
-                    if cfg.schedule_barrier:
-                        plgpu.barrier_wait(sched_bar.at[0])
+                    turns.wait()
                     return m_new, l_i, p16
 
                 p0 = compat.layout_cast(jnp.zeros(tile, dtype), compat.WGMMA, False)
@@ -366,7 +353,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 finish(acc_ref[...], m_i, l_i)
 
             def finish(acc, m_i, l_i):
-                pl.when(wg == 0)(sched)
+                turns.end()
                 empty = l_i == 0.0
                 l_safe = jnp.where(empty, 1.0, l_i)
                 m_nat = jnp.where(m_i == MASKED_SCORE, 0.0, m_i) * (to_base2 / LOG2E)

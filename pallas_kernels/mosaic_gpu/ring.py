@@ -13,7 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["producer_ring", "roles"]
+__all__ = ["Turns", "producer_ring", "release", "roles"]
 
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
@@ -35,6 +35,48 @@ def roles(consumers: int, interpret: bool, producer, consumer) -> None:
         if not interpret:
             plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
         consumer()
+
+
+def release(consumed, staged: bool) -> None:
+    """Arrive on a ring slot's `consumed` barrier; with staged slices read from the slot,
+    first order those ordinary shared-memory reads before the TMA that refills it
+    (fence.proxy.async: jax 0.11's interpreter checks it)."""
+    if staged:
+        plgpu.commit_smem()
+    plgpu.barrier_arrive(consumed)
+
+
+class Turns:
+    """Two consumers' ping-pong on a barrier of 2 arrivals (`bar`; None: a no-op).
+
+    `turn()` is a rendezvous (`arrive()` then `wait()`, which a kernel may split
+    to do work between them). Consumer 1 takes one before its first step and
+    consumer 0 one after its last (`start()`, `end()`), so each step's turns
+    pair one consumer's issued matmuls with the other's elementwise work.
+    """
+
+    def __init__(self, bar, wg):
+        self.bar, self.wg = bar, wg
+
+    def arrive(self):
+        if self.bar is not None:
+            plgpu.barrier_arrive(self.bar.at[0])
+
+    def wait(self):
+        if self.bar is not None:
+            plgpu.barrier_wait(self.bar.at[0])
+
+    def turn(self):
+        self.arrive()
+        self.wait()
+
+    def start(self):
+        if self.bar is not None:
+            pl.when(self.wg == 1)(self.turn)
+
+    def end(self):
+        if self.bar is not None:
+            pl.when(self.wg == 0)(self.turn)
 
 
 def producer_ring(n, stages: int, copy, consumed, interpret: bool) -> None:
