@@ -60,23 +60,13 @@ def _kernel_fns(q, k, v, do, bm, options):
 
 
 def _torch_rows(q, k, v, do, reps):
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import flex_attention as tfa
-
-    from bench.timing import time_loop_torch
+    """torch SDPA's and compiled flex_attention's forward + backward rows, timed as
+    `bench_mosaic.py` times them (its forward-only rows dropped)."""
+    from bench.bench_mosaic import _torch_rows as torch_rows
     from torch_bridge import array_to_torch
 
-    tq, tk, tv, tdo = (array_to_torch(x) for x in (q, k, v, do))
-    leaves = [x.detach().requires_grad_() for x in (tq, tk, tv)]
-    S = tq.shape[2]
-    fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True).backward(tdo)
-    rows = [("torch SDPA", "fwd+bwd", time_loop_torch(fb, reps, True, leaves))]
-    t_bm = tfa.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, S, S, device="cuda")
-    flex = torch.compile(tfa.flex_attention, dynamic=False)
-    fbf = lambda: flex(*leaves, block_mask=t_bm).backward(tdo)
-    rows.append(("torch flex", "fwd+bwd", time_loop_torch(fbf, reps, True, leaves)))
-    return rows
+    rows = torch_rows(*(array_to_torch(x) for x in (q, k, v, do)), reps)
+    return [row for row in rows if row[1] == "fwd+bwd"]
 
 
 def main(argv=None):
