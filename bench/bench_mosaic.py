@@ -7,10 +7,11 @@ kernels; "fused dq" is its backward with dq accumulated in the dk/dv kernel by
 TMA reduce-add rather than in a separate kernel). Every row is timed the same way, the loop timer
 (`timing.py`: back-to-back calls, one sync, median of three loops).
 TFLOP/s counts the causal half of 4*B*H*S*S*D (forward; x2.5 with the
-backward). "pipelined" is its forward with each step's QK^T issued together
-with the previous step's PV. flexjax's MOSAIC_GPU rows also give each config tried
-(K/V ring depth, schedule barrier, longest rows first); a config that does
-not fit shared memory is reported and skipped.
+backward). flexjax's MOSAIC_GPU rows give each forward config tried (K/V
+ring depth, schedule barrier, longest rows first, pipelined: each step's
+QK^T issued together with the previous step's PV), forward + backward for
+the first only (they share its backward); a config that does not fit shared
+memory is reported and skipped.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/bench_mosaic.py \\
         --out bench/results/mosaic_gpu_h100_<date>
@@ -36,8 +37,10 @@ SHAPES = {
     "bf16 D128": (4, 16, 8192, 128, torch.bfloat16),
     "fp16 D64": (16, 16, 8192, 64, torch.float16),
 }
-# (MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST); the first is the default
-CONFIGS = [(2, True, True), (2, True, False), (3, True, True), (2, False, True)]
+# (MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST, MOSAIC_PIPELINED); the first
+# is the default
+CONFIGS = [(2, False, True, True), (2, True, True, True), (2, True, True, False),
+           (2, False, True, False), (2, False, False, True), (3, True, True, False)]  # fmt: skip
 
 
 def _add(rows, row):
@@ -57,17 +60,15 @@ def _jax_rows(q, k, v, do, bm, reps, n_configs):
 
     variants = [("flexjax TRITON", {"BACKEND": "TRITON"})]
     variants += [
-        (f"flexjax MOSAIC_GPU stages={s} sched={b} longest_first={lf}",
+        (f"flexjax MOSAIC_GPU stages={s} sched={b} longest_first={lf} pipelined={pipe}",
          {"BACKEND": "MOSAIC_GPU", "MOSAIC_STAGES": s, "MOSAIC_SCHEDULE_BARRIER": b,
-          "MOSAIC_LONGEST_FIRST": lf})
-        for s, b, lf in CONFIGS[:n_configs]
+          "MOSAIC_LONGEST_FIRST": lf, "MOSAIC_PIPELINED": pipe})
+        for s, b, lf, pipe in CONFIGS[:n_configs]
     ]  # fmt: skip
     variants.append(
         ("flexjax MOSAIC_GPU fused dq", {"BACKEND": "MOSAIC_GPU", "MOSAIC_FUSED_DQ": True})
     )
-    variants.append(
-        ("flexjax MOSAIC_GPU pipelined", {"BACKEND": "MOSAIC_GPU", "MOSAIC_PIPELINED": True})
-    )
+    with_bwd = {variants[0][0], variants[1][0], variants[-1][0]}
     for name, options in variants:
         f = jax.jit(functools.partial(fj.flex_attention, block_mask=bm, kernel_options=options))
         try:
@@ -75,8 +76,9 @@ def _jax_rows(q, k, v, do, bm, reps, n_configs):
         except Exception as e:  # noqa: BLE001 -- a config that does not fit is reported, not fatal
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        g = fwd_bwd(options)
-        _add(rows, (name, "fwd+bwd", time_loop_jax(lambda: g(q, k, v), reps)))
+        if name in with_bwd:  # (the other forward configs share the default's backward)
+            g = fwd_bwd(options)
+            _add(rows, (name, "fwd+bwd", time_loop_jax(lambda: g(q, k, v), reps)))
     qs, ks, vs = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     cud = jax.jit(
         lambda a, b, c: jax.nn.dot_product_attention(

@@ -159,7 +159,7 @@ def flex_attention(
     | block_m, block_n, num_warps, num_stages | TRITON forward: compute tiles (powers of 2 dividing the BlockMask's block size) and launch parameters. |
     | bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages | TRITON backward (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the dq kernel uses transposed, so each must divide both block sizes). |
     | decode_block_n, decode_splits, decode_num_warps, decode_num_stages | TRITON decode kernel. |
-    | MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST | MOSAIC_GPU forward: K/V ring depth, consumers taking turns on the tensor cores, longest BlockMask rows first. |
+    | MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST, MOSAIC_PIPELINED | MOSAIC_GPU forward: K/V ring depth, consumers taking turns on the tensor cores, longest BlockMask rows first, each step's QK^T issued with the previous step's PV (defaults by head dim: `pallas_kernels.mosaic_gpu.fwd.default_config`). |
     | MOSAIC_FUSED_DQ | MOSAIC_GPU backward: True accumulates dq in the dk/dv kernel (TMA reduce-add, not bitwise deterministic) instead of its own kernel. |
 
     q_sharding: inside a `jax.shard_map`, q's PartitionSpec there (over

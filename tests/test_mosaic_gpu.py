@@ -153,7 +153,7 @@ def test_barrier_protocol_has_no_races(monkeypatch):
     # Staged reads too: the kv_idx slices ride the K ring and are refilled with it.
     score_mod, mask_mod = _kv_bias(S, 1), _documents(S)
     bm = fj.create_block_mask(mask_mod, 1, 1, S, S, BLOCK_SIZE=(128, 64))
-    options = {**MOSAIC, "MOSAIC_STAGES": 2}
+    options = {**MOSAIC, "MOSAIC_STAGES": 2, "MOSAIC_SCHEDULE_BARRIER": True}  # (turns too)
     out = fj.flex_attention(q, k, v, score_mod, bm, kernel_options=options)
     assert not ipc.get_races().races_found
     qkv = (x.astype(jnp.float32) for x in (q, k, v))
@@ -394,6 +394,7 @@ BWD_LOWER_CONFIGS = (
     BwdConfig(),
     BwdConfig(fused_dq=True),  # dq by TMA reduce-add (jax 0.11+; else the same as the default)
     BwdConfig(paired=not BwdConfig.paired, schedule_barrier=not BwdConfig.schedule_barrier),
+    BwdConfig(fused_dq=True, registers=240),  # FlashAttention-3's register split
 )
 
 
@@ -408,12 +409,14 @@ def test_gpu_kernel_lowers_for_cuda(name):
     call = prepare(q, k, v, score_mod, bm, kernel_options={"interpret": False})
     alt = FwdConfig(stages=4 if D == 64 else 2, schedule_barrier=False, longest_first=False)
     bshd = dataclasses.replace(call.spec, layout=Layout.BSHD)  # [B, S, H, D] tiles
-    piped = FwdConfig(pipelined=True)  # QK^T with the previous step's PV (compiled only)
+    # pipelined (the default: QK^T with the previous step's PV) with and without turns, and not
+    unpiped = FwdConfig(pipelined=False)
     for cfg, spec in (
         (FwdConfig(), call.spec),
         (alt, call.spec),
+        (unpiped, call.spec),
         (FwdConfig(), bshd),
-        (piped, bshd),
+        (dataclasses.replace(unpiped, schedule_barrier=False), bshd),
     ):
         f = jax.jit(
             lambda q, k, v, t, m, cfg=cfg, spec=spec: flex_fwd(
@@ -514,6 +517,9 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
     big = [x.astype(jnp.bfloat16) for x in random_qkv(2, 1, 1, S, S, 128)]
     with pytest.raises(ValueError, match="MOSAIC_STAGES=3: .* use fewer stages"):
         fj.flex_attention(*big, kernel_options={**MOSAIC, "MOSAIC_STAGES": 3})
+    for bad in (248, 236):  # the producer would keep 16; not a multiple of 8
+        with pytest.raises(ValueError, match=f"MOSAIC_BWD_REGISTERS={bad}: .* from 64 to 240"):
+            fj.flex_attention(q, k, v, kernel_options={**MOSAIC, "MOSAIC_BWD_REGISTERS": bad})
 
 
 GPU_CASES = [
@@ -573,13 +579,15 @@ GPU_BWD_CASES = [
 def test_compiled_backward_matches_reference_on_gpu(case, variant):
     """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
     TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); and the default's other
-    matmul order and consumer schedule (`BwdConfig.paired`, `.schedule_barrier`)."""
+    matmul order, consumer schedule and register split (`BwdConfig.paired`,
+    `.schedule_barrier`, `.registers`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
         "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},
         "dq-kernel": MOSAIC,
         "other-order": {**MOSAIC, "MOSAIC_BWD_PAIRED": not BwdConfig.paired,
-                        "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier},
+                        "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier,
+                        "MOSAIC_BWD_REGISTERS": 240},
     }[variant]  # fmt: skip
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)

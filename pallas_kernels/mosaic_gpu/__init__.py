@@ -20,12 +20,14 @@ Triton's interpreter is many times faster (force it with
 
 Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER"),
-`longest_first` ("MOSAIC_LONGEST_FIRST") and `pipelined` ("MOSAIC_PIPELINED",
-off: QK^T of a step issued with PV of the one before; not yet measured); the backward's (`bwd.BwdConfig`):
+`longest_first` ("MOSAIC_LONGEST_FIRST") and `pipelined` ("MOSAIC_PIPELINED":
+QK^T of a step issued with PV of the one before), defaults by head dim
+(`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
-`stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED") and
-`schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER");
+`stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED"),
+`schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER") and `registers`
+("MOSAIC_BWD_REGISTERS", per consumer thread);
 the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 "MOSAIC_DECODE_BLOCK_N", "MOSAIC_DECODE_STAGES".
 """
@@ -43,6 +45,7 @@ from pallas_kernels.mosaic_gpu.fwd import (
     CONSUMERS,
     SMEM_BYTES,
     FwdConfig,
+    default_config,
     flex_fwd,
     fwd_refusal,
     smem_bytes,
@@ -67,6 +70,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
     "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
     "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
+    "MOSAIC_BWD_REGISTERS": ("bwd", "registers"),
     "MOSAIC_DECODE_SPLITS": ("decode", "splits"),
     "MOSAIC_DECODE_BLOCK_N": ("decode", "block_n"),
     "MOSAIC_DECODE_STAGES": ("decode", "stages"),
@@ -148,14 +152,20 @@ class MosaicGpuBackend(dispatch.Backend):
         for key, value in options.items():
             kind, field = _OPTIONS[key]
             values[kind][field] = value
-        fwd = FwdConfig(**values["fwd"], triton=triton.fwd if fwd_refusal(spec) else None)
+        fwd = default_config(
+            spec, **values["fwd"], triton=triton.fwd if fwd_refusal(spec) else None
+        )
         if fwd.triton is None and smem_bytes(spec, fwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
                 f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
-        bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
+        try:
+            bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
+        except ValueError as e:
+            given = ", ".join(f"{k}={v}" for k, v in options.items() if _OPTIONS[k][0] == "bwd")
+            raise ValueError(f"kernel_options {given}: {e}") from None
         if mosaic_bwd.smem_bytes(spec, bwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_BWD_STAGES={bwd.stages}: the backward's rings need "
@@ -179,14 +189,14 @@ class MosaicGpuBackend(dispatch.Backend):
                 yield ({**values, "triton": True}, FwdConfig(triton=cfg)) if kind == "fwd" else (values, cfg)  # fmt: skip
             return
         stages = [fixed["MOSAIC_STAGES"]] if "MOSAIC_STAGES" in fixed else [2, 3, 4]
-        barrier = fixed.get("MOSAIC_SCHEDULE_BARRIER")
-        kept = {f: fixed[k] for k in ("MOSAIC_LONGEST_FIRST", "MOSAIC_PIPELINED") if k in fixed
-                for f in [_OPTIONS[k][1]]}  # fmt: skip
+        both = lambda key: [fixed[key]] if key in fixed else [True, False]
+        kept = {"longest_first": fixed["MOSAIC_LONGEST_FIRST"]} if "MOSAIC_LONGEST_FIRST" in fixed else {}  # fmt: skip
         for s in stages:
-            for sb in [barrier] if barrier is not None else [True, False]:
-                values = {"stages": s, "schedule_barrier": sb, **kept}
-                if smem_bytes(spec, FwdConfig(**values)) <= SMEM_BYTES:
-                    yield values, FwdConfig(**values)
+            for sb in both("MOSAIC_SCHEDULE_BARRIER"):
+                for pipe in both("MOSAIC_PIPELINED"):
+                    values = {"stages": s, "schedule_barrier": sb, "pipelined": pipe, **kept}
+                    if smem_bytes(spec, FwdConfig(**values)) <= SMEM_BYTES:
+                        yield values, FwdConfig(**values)
 
     def config_from(self, kind, values):
         if kind == "bwd":

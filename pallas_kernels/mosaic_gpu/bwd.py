@@ -68,18 +68,21 @@ class BwdConfig:
     S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
     (three); schedule_barrier: the two consumers take turns between their matmul groups
     (the forward's ping-pong: one runs its elementwise work while the other's matmuls use
-    the tensor cores); triton: the Triton backward's config, for the calls this backward
-    refuses (`bwd_refusal`)."""
+    the tensor cores); registers: per consumer thread (setmaxnreg: `ring.register_split`;
+    at D=128 the dk/dv kernel spills 44 bytes with 232, its fused-dq form 396); triton: the
+    Triton backward's config, for the calls this backward refuses (`bwd_refusal`)."""
 
     stages: int = 2
     fused_dq: bool = False
     paired: bool = False
     schedule_barrier: bool = False
+    registers: int = ring.CONSUMER_REGISTERS
     triton: Any = None
 
     def __post_init__(self):
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be >= 2 (a ring of tiles)")
+        ring.register_split(CONSUMERS, self.registers)
 
 
 def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
@@ -239,7 +242,7 @@ class _Kernel:
         plgpu.wait_smem_to_gmem(0)
 
 
-def _roles(kern, lists, n, stages, copy, consumed, consumer):
+def _roles(kern, lists, n, cfg: BwdConfig, copy, consumed, consumer):
     """Run the producer warpgroup and the consumers (`consumer()`).
 
     The producer copies the block lists into shared memory (lists: `_Kernel.copy_lists`'s
@@ -249,9 +252,9 @@ def _roles(kern, lists, n, stages, copy, consumed, consumer):
     def producer():
         kern.copy_lists(*lists)
         plgpu.barrier_wait(lists[4].at[0])
-        ring.producer_ring(n, stages, copy, consumed, kern.interpret)
+        ring.producer_ring(n, cfg.stages, copy, consumed, kern.interpret)
 
-    ring.roles(CONSUMERS, kern.interpret, producer, consumer)
+    ring.roles(CONSUMERS, kern.interpret, producer, consumer, cfg.registers)
 
 
 # ----------------------------------------------------------------------------------------- dq
@@ -335,7 +338,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             kern.store_tiles([(dq * spec.scale, qw, dq_ref.at[kern.at(b, h, rows)])])
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
-        _roles(kern, lists, n, stages, copy, c_bar, consumer)
+        _roles(kern, lists, n, cfg, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then dq
@@ -503,7 +506,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
-        _roles(kern, lists, n, stages, copy, c_bar, consumer)
+        _roles(kern, lists, n, cfg, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bkv, D), dtype, interpret),  # K, then dk

@@ -8,8 +8,10 @@ warpgroups:
   * two consumers, each owning half of the q block (64 rows; the BlockMask's
     q block is 128), with Q in shared memory, QK^T and PV on wgmma (the
     accumulator and P in registers), the online softmax in float32 and base 2
-    (`softmax.score_units`); a schedule barrier makes them take turns, so one
-    runs its softmax while the other's matmuls use the tensor cores.
+    (`softmax.score_units`); each step's QK^T is issued together with the
+    previous step's PV, so the softmax runs while PV is on the tensor cores
+    (`FwdConfig.pipelined`), and at D=64 a schedule barrier also makes the two
+    consumers take turns (`default_config`: both measured).
 
 The row's block list is the BlockMask's: first its partial blocks, where the
 mods run and the mask_mod's keep decides (`score_tile.TileMods`, on index
@@ -48,7 +50,10 @@ from pallas_kernels.softmax import LOG2E, MASKED_SCORE, scaled, score_units
 from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
-__all__ = ["CONSUMERS", "SMEM_BYTES", "FwdConfig", "flex_fwd", "fwd_refusal", "smem_bytes"]
+__all__ = [
+    "CONSUMERS", "SMEM_BYTES", "FwdConfig", "default_config", "flex_fwd", "fwd_refusal",
+    "smem_bytes",
+]  # fmt: skip
 
 CONSUMERS = 2  # consumer warpgroups per CTA; each takes q_block_size // 2 rows
 SMEM_BYTES = 227 * 1024  # shared memory a CTA may use on sm90
@@ -71,17 +76,25 @@ class FwdConfig:
     consumer issues step j's QK^T with step j-1's PV and runs the softmax of S_j while PV
     runs (compiled kernels only: the interpreter has no in-place accumulator, so interpret
     mode runs the unpipelined order); triton: the Triton forward's config, for the calls
-    `fwd_refusal` names."""
+    `fwd_refusal` names. The backend's defaults depend on the head dim (`default_config`)."""
 
     stages: int = 2
     schedule_barrier: bool = True
     longest_first: bool = True
-    pipelined: bool = False
+    pipelined: bool = True
     triton: Any = None
 
     def __post_init__(self):
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be >= 2 (a ring of K/V tiles)")
+
+
+def default_config(spec: KernelSpec, **values) -> FwdConfig:
+    """FwdConfig(**values), the fields not given set as measured fastest for spec's head dim
+    (H200, causal, S=8192, bench/results/mosaic_gpu_h200_2026-11-29_pipelined.md): pipelined
+    throughout; consumer turns at D=64 (pipelined 5.50 ms, without turns 5.95), not at
+    D=128 (1.77 ms, with turns 1.85; unpipelined 1.89)."""
+    return FwdConfig(**{"schedule_barrier": spec.E <= 64, **values})
 
 
 def fwd_refusal(spec: KernelSpec) -> str | None:
@@ -133,8 +146,9 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
     def body(q_ref, k_ref, v_ref, num_ref, idx_ref, fnum_ref, fidx_ref, *rest):
         const_refs = rest[: len(consts)]
         o_ref, lse_ref, scratch = rest[len(consts) :]
-        (qo_s, k_s, v_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
+        (qo_s, kv_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
          q_bar, k_bar, v_bar, t_bar, kc_bar, vc_bar, sched_bar) = scratch  # fmt: skip
+        k_s, v_s = kv_s.at[0], kv_s.at[1]  # one buffer, so a step may pick either by index
         refs = (const_refs[:n_score], const_refs[n_score:])
         h, r, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
         if cfg.longest_first:
@@ -297,40 +311,47 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
             def pipelined(acc_ref):
                 """The loop with step j's QK^T issued together with step j-1's PV, so the
                 softmax of S_j runs while PV_{j-1} is on the tensor cores (FlashAttention-3's
-                intra-warpgroup overlap); O stays in its accumulator registers throughout."""
+                intra-warpgroup overlap); O stays in its accumulator registers throughout.
+
+                Every wgmma wait is unconditional (ptxas serialises all wgmmas of a kernel
+                whose accumulator reads it cannot prove ordered after a wait): step 0 also
+                issues a PV, of P = 0 with its own K tile (read, never written), which adds
+                exactly 0 to O."""
 
                 def pstep(j, carry, masked: bool):
                     m_i, l_i, p_prev = carry
                     slot, prev = lax.rem(j, stages), lax.rem(j + stages - 1, stages)
+                    first = j == 0
                     staged = staged_for(j, masked)
 
                     def qk(s_ref):
                         plgpu.wgmma(s_ref, qo, k_s.at[slot].transpose((1, 0)))
 
-                        @pl.when(j > 0)
+                        @pl.when(~first)
                         def _():
                             plgpu.barrier_wait(v_bar.at[prev])
-                            plgpu.wgmma(acc_ref, p_prev, v_s.at[prev])
 
+                        kv, row = jnp.where(first, 0, 1), jnp.where(first, slot, prev)
+                        plgpu.wgmma(acc_ref, p_prev, kv_s.at[kv, row])
                         turns.turn()
-
-                        @pl.when(j == 0)
-                        def _():
-                            plgpu.wgmma_wait(0)
-
-                        @pl.when(j > 0)
-                        def _():
-                            plgpu.wgmma_wait(1)  # S_j is done; PV_{j-1} may still run
-
+                        plgpu.wgmma_wait(1)  # S_j is done; PV_{j-1} may still run
                         return plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
 
                     s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-                    ring.release(kc_bar.at[slot], bool(reads.kv))
+
+                    @pl.when(~first)
+                    def _():
+                        ring.release(kc_bar.at[slot], bool(reads.kv))
+
                     p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
                     turns.arrive()
-                    plgpu.wgmma_wait(0)  # PV_{j-1} is done: rescale O, release V_{j-1}
+                    plgpu.wgmma_wait(0)  # PV_{j-1} is done: rescale O, release its tile
 
-                    @pl.when(j > 0)
+                    @pl.when(first)
+                    def _():
+                        ring.release(kc_bar.at[slot], bool(reads.kv))
+
+                    @pl.when(~first)
                     def _():
                         plgpu.barrier_arrive(vc_bar.at[prev])
 
@@ -350,6 +371,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(vc_bar.at[last])
 
+                plgpu.wgmma_wait(0)  # (unconditional: see above)
                 finish(acc_ref[...], m_i, l_i)
 
             def finish(acc, m_i, l_i):
@@ -372,8 +394,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then out
-        _smem((stages, bkv, D), dtype, interpret),  # K ring
-        _smem((stages, bkv, D), dtype, interpret),  # V ring
+        _smem((2, stages, bkv, D), dtype, interpret),  # K ring, V ring
         plgpu.SMEM((CONSUMERS, bq, bkv), dtype) if interpret else None,  # P (interpret mode)
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # lse
         plgpu.SMEM(idx.shape[-1:], jnp.int32) if partial else None,  # the row's partial blocks

@@ -13,27 +13,47 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-__all__ = ["Turns", "producer_ring", "release", "roles"]
+__all__ = ["Turns", "producer_ring", "register_split", "release", "roles"]
 
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
+_FILE = 65536 // 128  # a CTA's register file, in registers per thread of one warpgroup
+_MIN_PRODUCER = 24  # setmaxnreg's floor
 
 
-def roles(consumers: int, interpret: bool, producer, consumer) -> None:
+def register_split(consumers: int, consumer_registers: int) -> tuple[int, int]:
+    """(producer, consumer) registers per thread: the consumers' count as asked, the producer
+    what is left of the register file (at most PRODUCER_REGISTERS; 240 with two consumers
+    leaves it 32, FlashAttention-3's split). Raises if setmaxnreg cannot give it."""
+    producer = min(PRODUCER_REGISTERS, _FILE - consumers * consumer_registers)
+    if consumer_registers % 8 or not 64 <= consumer_registers <= 256 or producer < _MIN_PRODUCER:
+        top = (_FILE - _MIN_PRODUCER) // consumers // 8 * 8
+        raise ValueError(
+            f"consumer registers={consumer_registers}: expected a multiple of 8 from 64 to "
+            f"{min(top, 256)} (with {consumers} consumer warpgroups the producer keeps at least "
+            f"{_MIN_PRODUCER}); the default is {CONSUMER_REGISTERS}"
+        )
+    return producer, consumer_registers
+
+
+def roles(
+    consumers: int, interpret: bool, producer, consumer, consumer_registers=CONSUMER_REGISTERS
+) -> None:
     """Run `producer()` on warpgroup `consumers` and `consumer()` on warpgroups below it,
-    with registers moved from the one to the others on the GPU."""
+    with registers moved from the one to the others on the GPU (`register_split`)."""
     wg = lax.axis_index("wg")
+    keep, grow = register_split(consumers, consumer_registers)
 
     @pl.when(wg == consumers)
     def _producer():
         if not interpret:
-            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+            plgpu.set_max_registers(keep, action="decrease")
         producer()
 
     @pl.when(wg < consumers)
     def _consumer():
         if not interpret:
-            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+            plgpu.set_max_registers(grow, action="increase")
         consumer()
 
 
