@@ -215,7 +215,9 @@ def test_backward_matches_reference_in_interpret_mode(name):
 
 
 BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and schedules
-    "paired, turns": {"MOSAIC_BWD_PAIRED": True, "MOSAIC_BWD_SCHEDULE_BARRIER": True},
+    "paired, turns, rows first to last": {"MOSAIC_BWD_PAIRED": True,
+                                          "MOSAIC_BWD_SCHEDULE_BARRIER": True,
+                                          "MOSAIC_BWD_LONGEST_FIRST": False},
     "unpaired, turns, 3 stages": {"MOSAIC_BWD_PAIRED": False, "MOSAIC_BWD_SCHEDULE_BARRIER": True,
                                   "MOSAIC_BWD_STAGES": 3},
     "paired, no turns": {"MOSAIC_BWD_PAIRED": True, "MOSAIC_BWD_SCHEDULE_BARRIER": False},
@@ -579,14 +581,15 @@ GPU_BWD_CASES = [
 def test_compiled_backward_matches_reference_on_gpu(case, variant):
     """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
     TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); and the default's other
-    matmul order, consumer schedule and register split (`BwdConfig.paired`,
-    `.schedule_barrier`, `.registers`)."""
+    matmul order, consumer schedule, row order and register split (`BwdConfig.paired`,
+    `.schedule_barrier`, `.longest_first`, `.registers`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
         "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},
         "dq-kernel": MOSAIC,
         "other-order": {**MOSAIC, "MOSAIC_BWD_PAIRED": not BwdConfig.paired,
                         "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier,
+                        "MOSAIC_BWD_LONGEST_FIRST": not BwdConfig.longest_first,
                         "MOSAIC_BWD_REGISTERS": 240},
     }[variant]  # fmt: skip
     B, H, S = 2, 4, 1024

@@ -26,7 +26,8 @@ QK^T of a step issued with PV of the one before), defaults by head dim
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
 `stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED"),
-`schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER") and `registers`
+`schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER"), `longest_first`
+("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows) and `registers`
 ("MOSAIC_BWD_REGISTERS", per consumer thread);
 the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 "MOSAIC_DECODE_BLOCK_N", "MOSAIC_DECODE_STAGES".
@@ -70,6 +71,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
     "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
     "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
+    "MOSAIC_BWD_LONGEST_FIRST": ("bwd", "longest_first"),
     "MOSAIC_BWD_REGISTERS": ("bwd", "registers"),
     "MOSAIC_DECODE_SPLITS": ("decode", "splits"),
     "MOSAIC_DECODE_BLOCK_N": ("decode", "block_n"),

@@ -68,7 +68,10 @@ class BwdConfig:
     S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
     (three); schedule_barrier: the two consumers take turns between their matmul groups
     (the forward's ping-pong: one runs its elementwise work while the other's matmuls use
-    the tensor cores); registers: per consumer thread (setmaxnreg: `ring.register_split`;
+    the tensor cores); longest_first: the dq kernel takes the BlockMask's rows last to first
+    (as the forward: under a causal mask the longest rows start first and the short ones
+    fill the last wave; the dk/dv kernel's columns already run longest first there);
+    registers: per consumer thread (setmaxnreg: `ring.register_split`;
     at D=128 the dk/dv kernel spills 44 bytes with 232, its fused-dq form 396); triton: the
     Triton backward's config, for the calls this backward refuses (`bwd_refusal`)."""
 
@@ -76,6 +79,7 @@ class BwdConfig:
     fused_dq: bool = False
     paired: bool = False
     schedule_barrier: bool = False
+    longest_first: bool = True
     registers: int = ring.CONSUMER_REGISTERS
     triton: Any = None
 
@@ -252,7 +256,7 @@ def _roles(kern, lists, n, cfg: BwdConfig, copy, consumed, consumer):
     def producer():
         kern.copy_lists(*lists)
         plgpu.barrier_wait(lists[4].at[0])
-        ring.producer_ring(n, cfg.stages, copy, consumed, kern.interpret)
+        ring.producer_ring(n, cfg.stages, [(copy, consumed)], kern.interpret)
 
     ring.roles(CONSUMERS, kern.interpret, producer, consumer, cfg.registers)
 
@@ -275,6 +279,8 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
          k_bar, v_bar, c_bar, sched_bar) = scratch  # fmt: skip
         refs = kern.split(const_refs)
         h, r, b, bm, hm, kv_b, kv_h = kern.grid_indices()
+        if cfg.longest_first:
+            r = spec.R - 1 - r
         wg = lax.axis_index("wg")
         n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, r)
         n = n_p + n_f

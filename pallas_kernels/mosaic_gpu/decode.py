@@ -198,7 +198,7 @@ def flex_decode(
                     reads.copy(reads.kv, found, bn, kv_stage, slot, k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[kv_b, kv_h, rows], v_s.at[slot], v_bar.at[slot])
 
-            ring.producer_ring(hi - lo, stages, copy, c_bar, interpret)
+            ring.producer_ring(hi - lo, stages, [(copy, c_bar)], interpret)
 
         def consumer():
             plgpu.copy_gmem_to_smem(q_ref.at[b, hp], q_s, q_bar.at[0])

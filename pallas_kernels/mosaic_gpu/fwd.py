@@ -168,10 +168,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
             return (tp_s if partial else tf_s)[j]
 
-        @pl.when(wg == CONSUMERS)
-        def _producer():
-            if not interpret:
-                plgpu.set_max_registers(40, action="decrease")
+        def producer():
             if partial:
                 plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, r], tp_s, t_bar.at[0])
             if full:
@@ -185,35 +182,11 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                     found = reads.starts(refs, b, h, r * (CONSUMERS * bq), kv_block(j) * bkv)
                     reads.copy(reads.kv, found, bkv, kv_stage, slot, bar.at[slot])
 
-            def fill(i):
-                @pl.when(i < n)
-                def _():
-                    copy(k_ref, k_s, k_bar, i, i)
-                    copy(v_ref, v_s, v_bar, i, i)
+            k_part = (functools.partial(copy, k_ref, k_s, k_bar), kc_bar)
+            v_part = (functools.partial(copy, v_ref, v_s, v_bar), vc_bar)
+            ring.producer_ring(n, stages, [k_part, v_part], interpret)
 
-            for i in range(stages):
-                fill(i)
-
-            def refill(j, _):
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(kc_bar.at[slot])
-                copy(k_ref, k_s, k_bar, j, slot)
-                plgpu.barrier_wait(vc_bar.at[slot])
-                copy(v_ref, v_s, v_bar, j, slot)
-
-            lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
-            if interpret:  # observe the last releases (the interpreter checks every phase is seen)
-
-                def drain(j, _):
-                    plgpu.barrier_wait(kc_bar.at[lax.rem(j, stages)])
-                    plgpu.barrier_wait(vc_bar.at[lax.rem(j, stages)])
-
-                lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
-
-        @pl.when(wg < CONSUMERS)
-        def _consumer():
-            if not interpret:
-                plgpu.set_max_registers(232, action="increase")
+        def consumer():
             qo = qo_s.at[wg]
             q_row0 = r * (CONSUMERS * bq) + wg * bq
             plgpu.copy_gmem_to_smem(q_ref.at[at(b, h, pl.ds(q_row0, bq))], qo, q_bar.at[wg])
@@ -391,6 +364,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 pl.run_state(pipelined)(plgpu.ACC.init(acc0))
             else:
                 finish(*loops(step, (acc0, m_i0, l_i0)))
+
+        ring.roles(CONSUMERS, interpret, producer, consumer)
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then out

@@ -99,26 +99,32 @@ class Turns:
             pl.when(self.wg == 0)(self.turn)
 
 
-def producer_ring(n, stages: int, copy, consumed, interpret: bool) -> None:
-    """Fill a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the slot is released."""
+def producer_ring(n, stages: int, parts, interpret: bool) -> None:
+    """Fill a `stages`-deep ring with steps 0..n-1. parts: (copy, consumed) pairs, the pieces
+    of a step (one, or K then V) each with its own release barrier: copy(j, slot) once the
+    slot's `consumed` says its previous tile was read, so K's slot can refill while V's is
+    still being read."""
 
     def fill(i):
         @pl.when(i < n)
         def _():
-            copy(i, i)
+            for copy, _ in parts:
+                copy(i, i)
 
     for i in range(stages):
         fill(i)
 
     def refill(j, _):
         slot = lax.rem(j, stages)
-        plgpu.barrier_wait(consumed.at[slot])
-        copy(j, slot)
+        for copy, consumed in parts:
+            plgpu.barrier_wait(consumed.at[slot])
+            copy(j, slot)
 
     lax.fori_loop(stages, jnp.maximum(n, stages), refill, None)
     if interpret:  # observe the last releases (the interpreter checks every phase is seen)
 
         def drain(j, _):
-            plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
+            for _, consumed in parts:
+                plgpu.barrier_wait(consumed.at[lax.rem(j, stages)])
 
         lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None)
