@@ -464,6 +464,24 @@ def test_decode_kernel_lowers_for_cuda(name):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("D, turns", [(64, True), (128, False)])
+def test_forward_defaults_by_head_dim(D, turns):
+    """The measured defaults (`fwd.default_config`): pipelined; consumer turns at D=64 only;
+    kernel_options override each; the autotuner searches both axes unless one is fixed."""
+    q = k = v = jnp.zeros((1, 2, 256, D), jnp.bfloat16)
+    call = prepare(q, k, v, None, None, kernel_options={"interpret": False})
+    configs = lambda **options: MOSAIC_GPU.configs(call.spec, call.mods, options, False).fwd
+    assert (configs().pipelined, configs().schedule_barrier) == (True, turns)
+    forced = configs(MOSAIC_PIPELINED=False, MOSAIC_SCHEDULE_BARRIER=not turns)
+    assert (forced.pipelined, forced.schedule_barrier) == (False, not turns)
+    space = [cfg for _, cfg in MOSAIC_GPU.candidates("fwd", call.spec, call.mods, {})]
+    assert {(c.pipelined, c.schedule_barrier) for c in space} == {
+        (p, b) for p in (True, False) for b in (True, False)
+    }
+    fixed = MOSAIC_GPU.candidates("fwd", call.spec, call.mods, {"MOSAIC_PIPELINED": False})
+    assert {cfg.pipelined for _, cfg in fixed} == {False}
+
+
 def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
     S = 256
     q, k, v = random_qkv(1, 1, 2, S, S, 64, dtype=jnp.float16)

@@ -289,7 +289,10 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 Every wgmma wait is unconditional (ptxas serialises all wgmmas of a kernel
                 whose accumulator reads it cannot prove ordered after a wait): step 0 also
                 issues a PV, of P = 0 with its own K tile (read, never written), which adds
-                exactly 0 to O."""
+                exactly 0 to O for finite K. (A NaN or inf in a masked-out row of a row's first
+                K tile would make that row NaN here and not in the unpipelined order, which
+                masks scores; a non-finite V row does so in both, as in the reference: keep
+                padding finite. A zeroed tile in shared memory would avoid it, for 16-32 KiB.)"""
 
                 def pstep(j, carry, masked: bool):
                     m_i, l_i, p_prev = carry
