@@ -131,10 +131,6 @@ def _bcast(x, shape, dim: int):
     return lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _sched_scratch(cfg: BwdConfig):
-    return plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None
-
-
 class _Kernel:
     """What both kernels share: the call's static facts and the in-kernel helpers."""
 
@@ -361,7 +357,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
         plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K slot filled
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
-        _sched_scratch(cfg),  # the consumers' turns
+        ring.Turns.scratch(cfg.schedule_barrier),  # the consumers' turns
     )
     grid = (spec.Hq, spec.R, spec.B)
     out = jax.ShapeDtypeStruct(q.shape, dtype)
@@ -391,6 +387,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     out_dtype = jnp.float32 if per_head else dtype
     dq_cols = _dq_cols(spec)
     split = dq_cols != D  # each consumer: dq's column half, over both consumers' kv rows
+    meets = fused and split  # the consumers meet each step once both dS^T are written
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, num_ref, idx_ref, fnum_ref,
              fidx_ref, *rest):  # fmt: skip
@@ -432,7 +429,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             ops, mods = kern.mod_tiles(const_refs, tile)
             kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
             staging = p_s.at[wg] if interpret else None
-            turns = ring.Turns(sched_bar, wg)  # (None with split dq: the dS^T meeting pairs them)
+            turns = ring.Turns(sched_bar, wg)  # (None when they meet: that pairs them)
+            meet = ring.Turns(ds_bar, wg)  # (a rendezvous, `meet.turn()`; None unless `meets`)
 
             def step(j, carry, masked: bool):
                 dk, dv = carry
@@ -469,8 +467,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     ds_buf.at[wg][...] = dst.astype(dtype)
                     plgpu.commit_smem()
                     if split:  # both consumers' dS^T are written
-                        plgpu.barrier_arrive(ds_bar.at[0])
-                        plgpu.barrier_wait(ds_bar.at[0])
+                        meet.turn()
                         cols = pl.ds(wg * dq_cols, dq_cols)
                         pairs = [(ds_buf.at[w].transpose((1, 0)), k_s.at[w, :, cols])
                                  for w in range(CONSUMERS)]  # fmt: skip
@@ -501,9 +498,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             dk, dv = carry
             if fused:  # the last reduce-add has read its staging tile
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            if fused and split:  # the other consumer's last dq product has read our K
-                plgpu.barrier_arrive(ds_bar.at[0])
-                plgpu.barrier_wait(ds_bar.at[0])
+            meet.turn()  # (when they meet) the other consumer's last dq product has read our K
             dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
             if per_head:  # one float32 staging tile, used twice
                 kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
@@ -531,8 +526,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         plgpu.Barrier(num_arrivals=2 + len(reads.kv), num_barriers=CONSUMERS),  # K, V
         plgpu.Barrier(num_arrivals=4 + len(reads.q), num_barriers=stages),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
-        None if fused and split else _sched_scratch(cfg),  # the consumers' turns
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if fused and split else None,  # dS^T
+        ring.Turns.scratch(cfg.schedule_barrier and not meets),  # the consumers' turns
+        ring.Turns.scratch(meets),  # their meeting once both dS^T are written
     )
     out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)
     grid = (spec.Hq, spec.C, spec.B)

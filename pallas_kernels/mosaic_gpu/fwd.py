@@ -385,7 +385,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         plgpu.Barrier(num_arrivals=int(partial) + int(full), num_barriers=1),  # tables
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K slot consumed
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V slot consumed
-        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=1) if cfg.schedule_barrier else None,
+        ring.Turns.scratch(cfg.schedule_barrier),  # the consumers' turns
     )
     out_type = (
         jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.L, D), dtype),

@@ -78,6 +78,11 @@ class Turns:
     def __init__(self, bar, wg):
         self.bar, self.wg = bar, wg
 
+    @staticmethod
+    def scratch(enabled: bool):
+        """The barrier `bar` of a kernel's scratch: 2 arrivals (None when not `enabled`)."""
+        return plgpu.Barrier(num_arrivals=2, num_barriers=1) if enabled else None
+
     def arrive(self):
         if self.bar is not None:
             plgpu.barrier_arrive(self.bar.at[0])
