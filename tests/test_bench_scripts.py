@@ -113,3 +113,35 @@ def test_traps_benchmark_runs_every_part(tmp_path):
     assert {(r["mask"], r["dtype"]) for r in saved["bool"]} == {
         (m, d) for m in ("longformer", "key_padding") for d in ("bool", "int32")
     }
+
+
+def test_kernel_trace_summarizes_gaps_overlaps_and_reads_both_profilers():
+    """bench/kernel_trace.py: per-call kernel, busy and span times and the idle gaps of a
+    trace (overlapping intervals counted once in busy); the JAX and torch traces read back
+    (host events here: the CPU has no kernels)."""
+    sys.path.insert(0, ROOT)
+    import jax.numpy as jnp
+    import pytest
+    import torch
+
+    from bench.kernel_trace import jax_events, summarize, torch_events
+
+    us = 1000
+    events = [  # (start, duration, name): two calls; a second stream overlaps the first kernel
+        (0, 100 * us, "a"), (50 * us, 100 * us, "b"), (155 * us, 45 * us, "a"),
+        (2200 * us, 100 * us, "a"), (2300 * us, 100 * us, "b"),
+    ]  # fmt: skip
+    s = summarize(list(reversed(events)), calls=2)
+    assert s["kernel_ms"] == pytest.approx(0.445 / 2)
+    assert s["busy_ms"] == pytest.approx((0.195 + 0.2) / 2)  # 155 - 150 us is launch latency
+    assert s["span_ms"] == pytest.approx(2.4 / 2)
+    assert s["gaps"] == [(3, pytest.approx(2.0))]  # after the first call's three kernels
+    assert list(s["kernels"]) == ["a", "b"] and s["kernels"]["a"] == (3, pytest.approx(0.08166, rel=1e-3))  # fmt: skip
+    with pytest.raises(ValueError, match="no events"):
+        summarize([], calls=1)
+
+    f = lambda: jnp.sin(jnp.ones((64, 64))) @ jnp.ones((64, 64))
+    f().block_until_ready()
+    assert summarize(jax_events(f, 3, plane="/host:CPU", line=""), 3)["busy_ms"] > 0
+    x = torch.ones(64, 64)
+    assert summarize(torch_events(lambda: x @ x, 3, cuda=False), 3)["kernel_ms"] > 0

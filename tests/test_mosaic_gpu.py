@@ -537,9 +537,30 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
     big = [x.astype(jnp.bfloat16) for x in random_qkv(2, 1, 1, S, S, 128)]
     with pytest.raises(ValueError, match="MOSAIC_STAGES=3: .* use fewer stages"):
         fj.flex_attention(*big, kernel_options={**MOSAIC, "MOSAIC_STAGES": 3})
-    for bad in (248, 236):  # the producer would keep 16; not a multiple of 8
+    for bad in (248, 236):  # the producer would keep 8; not a multiple of 8
         with pytest.raises(ValueError, match=f"MOSAIC_BWD_REGISTERS={bad}: .* from 64 to 240"):
             fj.flex_attention(q, k, v, kernel_options={**MOSAIC, "MOSAIC_BWD_REGISTERS": bad})
+
+
+def test_register_split_fits_the_launch():
+    """Three warpgroups launch with 168 registers per thread each (65536 / 384, a multiple of
+    8): 504 in all, not 512. setmaxnreg.inc waits for registers the others freed, so a split
+    asking more hangs the kernel (240 + 240 + a producer of 32 did, on an H200); the producer
+    gets what is left, as FlashAttention-3's 240/240/24."""
+    from pallas_kernels.mosaic_gpu import ring
+
+    for consumers in (1, 2, 3):
+        per_thread = 65536 // (128 * (consumers + 1)) // 8 * 8
+        for asked in range(64, 257, 8):
+            try:
+                producer, grown = ring.register_split(consumers, asked)
+            except ValueError:
+                assert per_thread * (consumers + 1) - consumers * asked < 24
+                continue
+            assert grown == asked and 24 <= producer <= ring.PRODUCER_REGISTERS
+            assert producer + consumers * grown <= per_thread * (consumers + 1)
+    assert ring.register_split(2, 240) == (24, 240)
+    assert ring.register_split(2, 232) == (40, 232)
 
 
 GPU_CASES = [

@@ -17,17 +17,25 @@ __all__ = ["Turns", "producer_ring", "register_split", "release", "roles"]
 
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
-_FILE = 65536 // 128  # a CTA's register file, in registers per thread of one warpgroup
 _MIN_PRODUCER = 24  # setmaxnreg's floor
+
+
+def _launch_registers(warpgroups: int) -> int:
+    """Registers per thread summed over the CTA's warpgroups, as launched: the 65536 of an
+    SM split evenly, per thread a multiple of 8 (3 warpgroups: 168 each, 504, not 512)."""
+    return 65536 // (128 * warpgroups) // 8 * 8 * warpgroups
 
 
 def register_split(consumers: int, consumer_registers: int) -> tuple[int, int]:
     """(producer, consumer) registers per thread: the consumers' count as asked, the producer
-    what is left of the register file (at most PRODUCER_REGISTERS; 240 with two consumers
-    leaves it 32, FlashAttention-3's split). Raises if setmaxnreg cannot give it."""
-    producer = min(PRODUCER_REGISTERS, _FILE - consumers * consumer_registers)
+    what is left of the launch's registers (at most PRODUCER_REGISTERS; 240 with two
+    consumers leaves it 24, FlashAttention-3's split). setmaxnreg.inc waits until the others'
+    setmaxnreg.dec free enough: asking more than the launch holds hangs the kernel, so this
+    raises instead."""
+    total = _launch_registers(consumers + 1)
+    producer = min(PRODUCER_REGISTERS, total - consumers * consumer_registers)
     if consumer_registers % 8 or not 64 <= consumer_registers <= 256 or producer < _MIN_PRODUCER:
-        top = (_FILE - _MIN_PRODUCER) // consumers // 8 * 8
+        top = (total - _MIN_PRODUCER) // consumers // 8 * 8
         raise ValueError(
             f"consumer registers={consumer_registers}: expected a multiple of 8 from 64 to "
             f"{min(top, 256)} (with {consumers} consumer warpgroups the producer keeps at least "

@@ -1,0 +1,195 @@
+"""GPU time per call from a profiler trace, beside the loop timer, for flexjax and torch SDPA.
+
+The loop timer (`timing.py`) is wall clock over back-to-back calls: it counts
+any time the GPU sits idle between the calls, for reasons on the host side
+(an allocator growing its pool, a synchronising call). On an H200 the Mosaic
+fwd+bwd loop-timed at 8.03 ms a call while a `jax.profiler` trace of five
+back-to-back calls showed 7.12 ms of GPU work a call and one idle gap of
+8.8 ms (`bench/results/mosaic_bwd_registers_h200_2026-11-29.md`). This script
+measures both ways in one process, the same way for both libraries: the loop
+timer's figure, and from a CUPTI trace of `--calls` back-to-back calls (JAX:
+`jax.profiler` read back with `jax.profiler.ProfileData`; torch:
+`torch.profiler`) the kernels' summed time a call, the GPU's busy time a call
+(the union of the kernels' intervals) and every idle gap over 10 us, with the
+call it fell after.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/kernel_trace.py \\
+        --shape "bf16 D128" --backends MOSAIC_GPU --torch --out bench/results/<name>
+
+The environment's XLA_PYTHON_CLIENT_* settings are written with the results,
+so runs under other allocator settings can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+
+import jax
+
+import flexjax as fj
+from bench.bench_mosaic_bwd import SHAPES, _grad_fn
+from bench.report import write_report
+from bench.timing import time_loop_jax, time_loop_torch
+
+GAP_NS = 10_000  # idle time shorter than this between kernels is launch latency, not a gap
+
+
+def summarize(events, calls: int) -> dict:
+    """Per-call figures of a trace: events (start_ns, duration_ns, name), any order, possibly
+    overlapping (several streams, or nested host events).
+
+    kernel_ms: summed durations / calls; busy_ms: the union of the intervals / calls;
+    span_ms: first start to last end / calls; gaps: [(events ended before it, ms)] for each
+    idle stretch over GAP_NS; kernels: {name: (count, mean ms)}, the longest total first."""
+    if not events:
+        raise ValueError("summarize: the trace has no events (no GPU kernels were recorded)")
+    events = sorted(events)
+    busy = 0
+    gaps = []
+    end = None
+    for i, (start, duration, _) in enumerate(events):
+        if end is None or start > end:
+            if end is not None and start - end > GAP_NS:
+                gaps.append((i, (start - end) / 1e6))
+            busy += duration
+            end = start + duration
+        elif start + duration > end:
+            busy += start + duration - end
+            end = start + duration
+    by_name: dict[str, list[float]] = {}
+    for _, duration, name in events:
+        by_name.setdefault(name, []).append(duration / 1e6)
+    kernels = {n: (len(d), sum(d) / len(d)) for n, d in by_name.items()}
+    kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1][0] * kv[1][1]))
+    return dict(
+        kernel_ms=sum(d for _, d, _ in events) / 1e6 / calls,
+        busy_ms=busy / 1e6 / calls,
+        span_ms=(end - events[0][0]) / 1e6 / calls,
+        gaps=gaps,
+        kernels=kernels,
+    )
+
+
+def jax_events(fn, calls: int, plane: str = "/device:GPU", line: str = "Stream"):
+    """(start_ns, duration_ns, name) of every event on `plane`'s lines named `line...` while
+    `calls` back-to-back calls of `fn` (a JAX computation, already compiled) run."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            result = None
+            for _ in range(calls):
+                result = fn()
+            jax.block_until_ready(result)
+        (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = ProfileData.from_file(path)
+        return [
+            (e.start_ns, e.duration_ns, e.name)
+            for p in data.planes
+            if p.name.startswith(plane)
+            for ln in p.lines
+            if ln.name.startswith(line)
+            for e in ln.events
+        ]
+
+
+def torch_events(fn, calls: int, cuda: bool = True, before=None):
+    """(start_ns, duration_ns, name) of the CUDA kernels (with cuda=False, the host events)
+    while `calls` back-to-back calls of `fn` run; `before()` (if given) runs before each."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            if before is not None:
+                before()
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return [
+        (int(e.time_range.start * 1000), int(e.time_range.elapsed_us() * 1000), e.name)
+        for e in prof.events()
+        if e.device_type == kind
+    ]
+
+
+def _row(impl: str, kind: str, loop_ms: float, trace: dict) -> dict:
+    row = dict(impl=impl, kind=kind, loop_ms=loop_ms, **trace)
+    gaps = trace["gaps"]
+    print(
+        f"{impl} | {kind} | loop {loop_ms:.3f} ms | kernels {trace['kernel_ms']:.3f} | "
+        f"busy {trace['busy_ms']:.3f} | gaps {[(i, round(ms, 3)) for i, ms in gaps]}",
+        flush=True,
+    )
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="bf16 D128", choices=list(SHAPES))
+    p.add_argument("--backends", default="MOSAIC_GPU", help="comma-separated flexjax backends")
+    p.add_argument("--calls", type=int, default=10, help="back-to-back calls traced and timed")
+    p.add_argument("--torch", action="store_true", help="torch SDPA rows too")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        raise SystemExit("kernel_trace.py traces GPU kernels: it needs a CUDA GPU")
+    from bench.report import meta_info
+
+    B, H, S, D, dt = SHAPES[args.shape]
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
+    bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
+    rows = []
+    for backend in args.backends.split(","):
+        options = {"BACKEND": backend}
+        fwd = jax.jit(lambda q, k, v, o=options: fj.flex_attention(q, k, v, block_mask=bm, kernel_options=o))  # fmt: skip
+        grads = _grad_fn(bm, options, do)
+        for kind, f in (("fwd", lambda: fwd(q, k, v)), ("fwd+bwd", lambda: grads(q, k, v))):
+            jax.block_until_ready(f())
+            loop = time_loop_jax(f, args.calls)
+            rows.append(_row(f"flexjax {backend}", kind, loop, summarize(jax_events(f, args.calls), args.calls)))  # fmt: skip
+    if args.torch:
+        import torch
+        import torch.nn.functional as F
+
+        from torch_bridge import array_to_torch
+
+        tq, tk, tv, tdo = (array_to_torch(x) for x in (q, k, v, do))
+        leaves = [x.detach().requires_grad_() for x in (tq, tk, tv)]
+
+        def clear():
+            for x in leaves:
+                x.grad = None
+
+        sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True).backward(tdo)
+        for kind, f, before in (("fwd", sdpa, None), ("fwd+bwd", fb, clear)):
+            f()
+            torch.cuda.synchronize()
+            loop = time_loop_torch(f, args.calls, True, leaves if before else ())
+            trace = summarize(torch_events(f, args.calls, before=before), args.calls)
+            rows.append(_row("torch SDPA", kind, loop, trace))
+    meta = meta_info("GPU", True)
+    meta["env"] = {k: v for k, v in os.environ.items() if k.startswith("XLA_PYTHON_CLIENT")}
+    text = f"# Loop timer against profiler trace, {meta['gpu']}, {meta['date']}\n\n{meta}\n\n"
+    text += f"{args.shape}: B={B} H={H} S={S} D={D} causal, {args.calls} back-to-back calls\n\n"
+    text += "| impl | kind | loop ms | kernels ms | GPU busy ms | idle gaps (after call's kernel #, ms) |\n"  # fmt: skip
+    text += "|---|---|---|---|---|---|\n"
+    for r in rows:
+        gaps = ", ".join(f"{i}: {ms:.3f}" for i, ms in r["gaps"]) or "none"
+        text += (f"| {r['impl']} | {r['kind']} | {r['loop_ms']:.3f} | {r['kernel_ms']:.3f} | "
+                 f"{r['busy_ms']:.3f} | {gaps} |\n")  # fmt: skip
+    print(text)
+    write_report(args.out, text, dict(meta=meta, rows=rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
