@@ -104,8 +104,8 @@ def torch_events(fn, calls: int, cuda: bool = True, before=None):
     from torch.profiler import ProfilerActivity, profile
 
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             if before is not None:
                 before()
