@@ -3,7 +3,7 @@
 For one causal shape (default the issue's bf16 D=128 B=4 H=16 S=8192) and
 each backward variant (kernel_options of the MOSAIC_GPU backend: matmul order
 `MOSAIC_BWD_PAIRED`, consumer turns `MOSAIC_BWD_SCHEDULE_BARRIER`, ring depth
-`MOSAIC_BWD_STAGES`, `MOSAIC_FUSED_DQ`): forward + backward (`jax.vjp` with
+`MOSAIC_BWD_STAGES`, `MOSAIC_BWD_DKDV_STAGES`, `MOSAIC_FUSED_DQ`): forward + backward (`jax.vjp` with
 out's cotangent, as torch's `out.backward(do)`), and the dq and dk/dv kernels alone (`bwd._dq`, `bwd._dkdv` on the
 forward's lse and delta), each with the loop timer (`timing.py`); the
 gradients' largest difference from the Triton backend's, so a variant that

@@ -35,7 +35,7 @@ from flexjax.reference import flex_attention_reference
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import MOSAIC_GPU, compat
 from pallas_kernels.mosaic_gpu.bwd import BwdConfig, flex_bwd, fused_dq
-from pallas_kernels.mosaic_gpu.fwd import FwdConfig, flex_fwd
+from pallas_kernels.mosaic_gpu.fwd import SMEM_BYTES, FwdConfig, flex_fwd
 from pallas_kernels.spec import KernelSpec, Layout
 
 MOSAIC = {"BACKEND": "MOSAIC_GPU"}
@@ -220,14 +220,16 @@ BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and sched
                                           "MOSAIC_BWD_LONGEST_FIRST": False},
     "unpaired, turns, 3 stages": {"MOSAIC_BWD_PAIRED": False, "MOSAIC_BWD_SCHEDULE_BARRIER": True,
                                   "MOSAIC_BWD_STAGES": 3},
-    "paired, no turns": {"MOSAIC_BWD_PAIRED": True, "MOSAIC_BWD_SCHEDULE_BARRIER": False},
+    "paired, no turns, dk/dv ring of 4": {"MOSAIC_BWD_PAIRED": True,
+                                          "MOSAIC_BWD_SCHEDULE_BARRIER": False,
+                                          "MOSAIC_BWD_DKDV_STAGES": 4},
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("order", list(BWD_ORDERS))
 def test_backward_matmul_orders_match_reference_in_interpret_mode(order):
     """The dk/dv kernel's paired matmul groups and the consumers' turns (ping-pong) in both
-    kernels: the same gradients, the rings wrapping (S = 384)."""
+    kernels, and rings of other depths: the same gradients, the rings wrapping (S = 384)."""
     S = 384
     q, k, v = random_qkv(21, 1, 2, S, S, 64, Hkv=1, dtype=jnp.float16)
     bm = fj.create_block_mask(_causal, 1, 1, S, S)
@@ -397,6 +399,7 @@ BWD_LOWER_CONFIGS = (
     BwdConfig(fused_dq=True),  # dq by TMA reduce-add (jax 0.11+; else the same as the default)
     BwdConfig(paired=not BwdConfig.paired, schedule_barrier=not BwdConfig.schedule_barrier),
     BwdConfig(fused_dq=True, registers=240),  # FlashAttention-3's register split
+    BwdConfig(dkdv_stages=4),  # the dk/dv kernel's own ring depth
 )
 
 
@@ -540,6 +543,34 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
     for bad in (248, 236):  # the producer would keep 8; not a multiple of 8
         with pytest.raises(ValueError, match=f"MOSAIC_BWD_REGISTERS={bad}: .* from 64 to 240"):
             fj.flex_attention(q, k, v, kernel_options={**MOSAIC, "MOSAIC_BWD_REGISTERS": bad})
+
+
+def test_backward_ring_depths_per_kernel():
+    """MOSAIC_BWD_STAGES sets both backward rings, MOSAIC_BWD_DKDV_STAGES the dk/dv kernel's
+    alone (its Q/dO tiles are half the dq kernel's K/V tiles: at D=128 it fits a ring of 4
+    where the dq kernel fits 2); a ring that does not fit names its option and kernel."""
+    from pallas_kernels.mosaic_gpu.bwd import smem_by_kernel
+
+    S = 256
+    q, k, v = (x.astype(jnp.bfloat16) for x in random_qkv(3, 1, 1, S, S, 128))
+    call = prepare(q, k, v, None, None, kernel_options={"interpret": False})
+    four = BwdConfig(dkdv_stages=4)
+    need = smem_by_kernel(call.spec, four)
+    assert need["dkdv"] <= SMEM_BYTES and need["dq"] == smem_by_kernel(call.spec, BwdConfig())["dq"]
+    assert smem_by_kernel(call.spec, BwdConfig(stages=4))["dkdv"] == need["dkdv"]
+    assert set(smem_by_kernel(call.spec, four, fused=True)) == {"dkdv"}
+    backend = dispatch.backends()["MOSAIC_GPU"]
+    cfg = backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_STAGES": 4}, False).bwd
+    assert (cfg.stages, cfg.dkdv_stages) == (2, 4)
+    cases = {
+        "MOSAIC_BWD_STAGES": (3, "MOSAIC_BWD_STAGES=3: the backward's dq kernel would need"),
+        "MOSAIC_BWD_DKDV_STAGES": (6, "MOSAIC_BWD_DKDV_STAGES=6: the backward's dkdv kernel"),
+    }
+    for key, (depth, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            backend.configs(call.spec, call.mods, {key: depth}, False)
+    with pytest.raises(ValueError, match="MOSAIC_BWD_DKDV_STAGES=1: dkdv_stages=1 must be >= 2"):
+        backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_STAGES": 1}, False)
 
 
 def test_register_split_fits_the_launch():

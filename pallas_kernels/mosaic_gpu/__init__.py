@@ -25,7 +25,8 @@ QK^T of a step issued with PV of the one before), defaults by head dim
 (`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
-`stages` ("MOSAIC_BWD_STAGES"), `paired` ("MOSAIC_BWD_PAIRED"),
+`stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
+("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `paired` ("MOSAIC_BWD_PAIRED"),
 `schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER"), `longest_first`
 ("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows) and `registers`
 ("MOSAIC_BWD_REGISTERS", per consumer thread);
@@ -69,6 +70,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_PIPELINED": ("fwd", "pipelined"),
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
+    "MOSAIC_BWD_DKDV_STAGES": ("bwd", "dkdv_stages"),
     "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
     "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
     "MOSAIC_BWD_LONGEST_FIRST": ("bwd", "longest_first"),
@@ -168,12 +170,16 @@ class MosaicGpuBackend(dispatch.Backend):
         except ValueError as e:
             given = ", ".join(f"{k}={v}" for k, v in options.items() if _OPTIONS[k][0] == "bwd")
             raise ValueError(f"kernel_options {given}: {e}") from None
-        if mosaic_bwd.smem_bytes(spec, bwd) > SMEM_BYTES:
-            raise ValueError(
-                f"kernel_options MOSAIC_BWD_STAGES={bwd.stages}: the backward's rings need "
-                f"{mosaic_bwd.smem_bytes(spec, bwd)} bytes of shared memory, more than the "
-                f"{SMEM_BYTES} an sm90 CTA has; use fewer stages"
-            )
+        rings = {"dq": ("MOSAIC_BWD_STAGES", bwd.stages)}
+        rings["dkdv"] = rings["dq"] if bwd.dkdv_stages is None else ("MOSAIC_BWD_DKDV_STAGES", bwd.dkdv_stages)  # fmt: skip
+        for kernel, need in mosaic_bwd.smem_by_kernel(spec, bwd).items():
+            if need > SMEM_BYTES:
+                key, depth = rings[kernel]
+                raise ValueError(
+                    f"kernel_options {key}={depth}: the backward's {kernel} kernel would need "
+                    f"{need} bytes of shared memory for its ring, more than the {SMEM_BYTES} "
+                    "an sm90 CTA has; use fewer stages"
+                )
         dec = None
         if decode:
             sms = triton_configs.sm_count()

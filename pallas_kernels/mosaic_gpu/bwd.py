@@ -61,7 +61,10 @@ _GRID = ("h", "blk", "b")  # (query head, BlockMask row or column, batch)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BwdConfig:
-    """stages: depth of the streamed operand's ring (both kernels); fused_dq: accumulate dq
+    """stages: depth of the streamed operand's ring (both kernels: the dq kernel's K/V tiles
+    of 128 rows, the dk/dv kernel's Q/dO tiles of 64); dkdv_stages: the dk/dv kernel's own
+    depth, if given (its steps are half as long and its tiles half as big: at D=128 it fits
+    4 where the dq kernel fits 2); fused_dq: accumulate dq
     in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
     deterministic) instead of running the dq kernel; off by default: no faster on an H200
     (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
@@ -77,6 +80,7 @@ class BwdConfig:
     Triton backward's config, for the calls this backward refuses (`bwd_refusal`)."""
 
     stages: int = 2
+    dkdv_stages: int | None = None
     fused_dq: bool = False
     paired: bool = False
     schedule_barrier: bool = False
@@ -85,24 +89,38 @@ class BwdConfig:
     triton: Any = None
 
     def __post_init__(self):
-        if self.stages < 2:
-            raise ValueError(f"stages={self.stages} must be >= 2 (a ring of tiles)")
+        for name in ("stages", "dkdv_stages"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name}={value} must be >= 2 (a ring of tiles)")
         ring.register_split(CONSUMERS, self.registers)
+
+
+def dkdv_ring(cfg: BwdConfig) -> int:
+    """The dk/dv kernel's ring depth: `dkdv_stages`, else `stages`."""
+    return cfg.stages if cfg.dkdv_stages is None else cfg.dkdv_stages
 
 
 def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
     """Shared memory of the larger kernel run (an upper bound, as `fwd.smem_bytes`); fused:
     the dk/dv kernel that also accumulates dq."""
+    return max(smem_by_kernel(spec, cfg, fused).values())
+
+
+def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dict[str, int]:
+    """{"dq": bytes, "dkdv": bytes}: the shared memory of each kernel run (no "dq" when
+    fused: the dk/dv kernel then also accumulates dq)."""
     item, D, R = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS
     tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
-    dkdv = 2 * CONSUMERS * R * D * item + cfg.stages * (2 * R * D * item + 2 * R * 4)
+    dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * R * D * item + 2 * R * 4)
     if spec.group_size > 1 or spec.kv_batch_broadcast:
         dkdv += CONSUMERS * R * D * 4  # float32 staging of dk, dv
     if fused:
         dkdv += 2 * CONSUMERS * R * R * item  # dS^T, two steps' buffers
         dkdv += CONSUMERS * R * _dq_cols(spec) * 4  # float32 staging of dq's part
-    return max(0 if fused else dq, dkdv) + 2 * CONSUMERS * R * 4 + tables + 4 * 1024
+    extra = 2 * CONSUMERS * R * 4 + tables + 4 * 1024
+    return {"dkdv": dkdv + extra} if fused else {"dq": dq + extra, "dkdv": dkdv + extra}
 
 
 def _dq_cols(spec: KernelSpec) -> int:
@@ -116,7 +134,10 @@ def _dq_cols(spec: KernelSpec) -> int:
 def bwd_refusal(spec: KernelSpec, mods: Mods, grad_slots, cfg: BwdConfig) -> str | None:
     """Why the Mosaic GPU backward cannot run a call (the Triton one then does), or None."""
     if smem_bytes(spec, cfg) > SMEM_BYTES:
-        return f"{cfg.stages} stages need {smem_bytes(spec, cfg)} bytes of shared memory"
+        return (
+            f"rings of {cfg.stages} (dq) and {dkdv_ring(cfg)} (dk/dv) stages need "
+            f"{smem_bytes(spec, cfg)} bytes of shared memory"
+        )
     if spec.kv_block_size != BWD_KV_BLOCK:
         return f"BlockMask kv blocks of {BWD_KV_BLOCK} (got {spec.kv_block_size})"
     if grad_slots:
@@ -243,7 +264,7 @@ class _Kernel:
         plgpu.wait_smem_to_gmem(0)
 
 
-def _roles(kern, lists, n, cfg: BwdConfig, copy, consumed, consumer):
+def _roles(kern, lists, n, stages: int, cfg: BwdConfig, copy, consumed, consumer):
     """Run the producer warpgroup and the consumers (`consumer()`).
 
     The producer copies the block lists into shared memory (lists: `_Kernel.copy_lists`'s
@@ -253,7 +274,7 @@ def _roles(kern, lists, n, cfg: BwdConfig, copy, consumed, consumer):
     def producer():
         kern.copy_lists(*lists)
         plgpu.barrier_wait(lists[4].at[0])
-        ring.producer_ring(n, cfg.stages, [(copy, consumed)], kern.interpret)
+        ring.producer_ring(n, stages, [(copy, consumed)], kern.interpret)
 
     ring.roles(CONSUMERS, kern.interpret, producer, consumer, cfg.registers)
 
@@ -341,7 +362,7 @@ def _dq(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdConfi
             kern.store_tiles([(dq * spec.scale, qw, dq_ref.at[kern.at(b, h, rows)])])
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, r)
-        _roles(kern, lists, n, cfg, copy, c_bar, consumer)
+        _roles(kern, lists, n, stages, cfg, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then dq
@@ -379,7 +400,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     fused = dq_acc is not None
     bq = bkv = _ROWS
-    stages = cfg.stages
+    stages = dkdv_ring(cfg)
     num, idx, full_num, full_idx = compat.padded_tables(tables.cols)
     tile = (bkv, bq)  # transposed scores: [kv, q]
     reads = kern.reads
@@ -508,7 +529,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
-        _roles(kern, lists, n, cfg, copy, c_bar, consumer)
+        _roles(kern, lists, n, stages, cfg, copy, c_bar, consumer)
 
     scratch = (
         _smem((CONSUMERS, bkv, D), dtype, interpret),  # K, then dk
