@@ -223,6 +223,8 @@ BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and sched
     "paired, no turns, dk/dv ring of 4": {"MOSAIC_BWD_PAIRED": True,
                                           "MOSAIC_BWD_SCHEDULE_BARRIER": False,
                                           "MOSAIC_BWD_DKDV_STAGES": 4},
+    "unpaired, dk/dv steps of 128 q rows": {"MOSAIC_BWD_PAIRED": False,
+                                            "MOSAIC_BWD_DKDV_Q_ROWS": 128},
 }  # fmt: skip
 
 
@@ -237,10 +239,11 @@ def test_backward_matmul_orders_match_reference_in_interpret_mode(order):
     _check_grads(got, _grads(q, k, v, _alibi, bm, None, True, reference=True), TOL[jnp.float16])
 
 
-def test_backward_in_jax_layout_and_its_races(monkeypatch):
+@pytest.mark.parametrize("q_rows", [64, 128])
+def test_backward_in_jax_layout_and_its_races(monkeypatch, q_rows):
     """[B, T, N, H] tiles (lse/delta transposed for the TMA rows) and staged reads, with the
     race detector on: S = 384 makes the rings wrap (stages=2) in both kernels, and the staged
-    slices are refilled with their slots."""
+    slices are refilled with their slots; dk/dv steps of 64 q rows and of 128."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -252,7 +255,8 @@ def test_backward_in_jax_layout_and_its_races(monkeypatch):
     t = lambda x: jnp.swapaxes(x, 1, 2)
 
     def loss(q, k, v):
-        out = fj.dot_product_attention(q, k, v, score_mod, bm, kernel_options=MOSAIC)
+        options = {**MOSAIC, "MOSAIC_BWD_DKDV_Q_ROWS": q_rows}
+        out = fj.dot_product_attention(q, k, v, score_mod, bm, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) * jnp.sin(jnp.arange(64.0)))
 
     got = [t(g) for g in jax.grad(loss, argnums=(0, 1, 2))(t(q), t(k), t(v))]
@@ -401,6 +405,7 @@ BWD_LOWER_CONFIGS = (
     BwdConfig(fused_dq=True, registers=240),  # FlashAttention-3's register split
     BwdConfig(dkdv_stages=4),  # the dk/dv kernel's own ring depth
 )
+BWD_LOWER_CONFIGS_D64 = (BwdConfig(dkdv_q_rows=128),)  # dk/dv steps of a whole q block
 
 
 @pytest.mark.parametrize("name", list(LOWER_CASES))
@@ -434,7 +439,7 @@ def test_gpu_kernel_lowers_for_cuda(name):
         if block != 128:
             continue  # the Mosaic backward refuses kv blocks of 64
         lse = jnp.zeros(spec.layout.shape(1, 2, S, 1)[:3], jnp.float32)
-        for cfg in BWD_LOWER_CONFIGS:
+        for cfg in BWD_LOWER_CONFIGS + (BWD_LOWER_CONFIGS_D64 if D == 64 else ()):
             g = jax.jit(lambda *a, spec=spec, cfg=cfg: flex_bwd(*a, spec=spec, cfg=cfg))
             lowered = g.trace(x, x, x, x, lse, lse, call.tables, call.mods)
             assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
@@ -571,6 +576,16 @@ def test_backward_ring_depths_per_kernel():
             backend.configs(call.spec, call.mods, {key: depth}, False)
     with pytest.raises(ValueError, match="MOSAIC_BWD_DKDV_STAGES=1: dkdv_stages=1 must be >= 2"):
         backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_STAGES": 1}, False)
+    rows = {"MOSAIC_BWD_DKDV_Q_ROWS": 128}
+    with pytest.raises(ValueError, match="Q_ROWS=128: dkdv_q_rows=128 takes heads of at most 64"):
+        backend.configs(call.spec, call.mods, rows, False)  # E=128
+    with pytest.raises(ValueError, match="dkdv_q_rows=96: expected 64 or 128"):
+        backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_Q_ROWS": 96}, False)
+    q64 = q[..., :64]
+    call64 = prepare(q64, q64, q64, None, None, kernel_options={"interpret": False})
+    assert backend.configs(call64.spec, call64.mods, rows, False).bwd.dkdv_q_rows == 128
+    with pytest.raises(ValueError, match="dkdv_q_rows=128 with fused_dq"):
+        backend.configs(call64.spec, call64.mods, {**rows, "MOSAIC_FUSED_DQ": True}, False)
 
 
 def test_register_split_fits_the_launch():

@@ -26,7 +26,8 @@ QK^T of a step issued with PV of the one before), defaults by head dim
 `fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
 `stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
-("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `paired` ("MOSAIC_BWD_PAIRED"),
+("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `dkdv_q_rows`
+("MOSAIC_BWD_DKDV_Q_ROWS", q rows a dk/dv step: 64, or 128 at D=64), `paired` ("MOSAIC_BWD_PAIRED"),
 `schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER"), `longest_first`
 ("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows) and `registers`
 ("MOSAIC_BWD_REGISTERS", per consumer thread);
@@ -71,6 +72,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
     "MOSAIC_BWD_DKDV_STAGES": ("bwd", "dkdv_stages"),
+    "MOSAIC_BWD_DKDV_Q_ROWS": ("bwd", "dkdv_q_rows"),
     "MOSAIC_BWD_PAIRED": ("bwd", "paired"),
     "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
     "MOSAIC_BWD_LONGEST_FIRST": ("bwd", "longest_first"),
@@ -170,6 +172,9 @@ class MosaicGpuBackend(dispatch.Backend):
         except ValueError as e:
             given = ", ".join(f"{k}={v}" for k, v in options.items() if _OPTIONS[k][0] == "bwd")
             raise ValueError(f"kernel_options {given}: {e}") from None
+        why = mosaic_bwd.config_refusal(spec, bwd)
+        if why is not None:
+            raise ValueError(f"kernel_options MOSAIC_BWD_DKDV_Q_ROWS={bwd.dkdv_q_rows}: {why}")
         rings = {"dq": ("MOSAIC_BWD_STAGES", bwd.stages)}
         rings["dkdv"] = rings["dq"] if bwd.dkdv_stages is None else ("MOSAIC_BWD_DKDV_STAGES", bwd.dkdv_stages)  # fmt: skip
         for kernel, need in mosaic_bwd.smem_by_kernel(spec, bwd).items():

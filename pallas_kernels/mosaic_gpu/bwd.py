@@ -16,8 +16,9 @@ in registers (interpret mode stages register operands through shared memory).
   * dk/dv: one CTA per (query head, BlockMask column, batch): the consumers
     hold K and V of their 64 kv rows (the column's kv block is 128); the
     producer streams Q, dO, lse and delta of the column's q blocks (partial
-    list, then full) in 64-row halves. Scores are transposed, [kv, q], so
-    dv += p^T do and dk += ds^T q take P and dS straight from registers.
+    list, then full) in 64-row halves (or whole blocks, `dkdv_q_rows`).
+    Scores are transposed, [kv, q], so dv += p^T do and dk += ds^T q take P
+    and dS straight from registers.
     With grouped-query attention or k/v broadcast over the batch, each query
     head's dk/dv is written in float32 and the group (batch) sum follows.
 
@@ -64,7 +65,10 @@ class BwdConfig:
     """stages: depth of the streamed operand's ring (both kernels: the dq kernel's K/V tiles
     of 128 rows, the dk/dv kernel's Q/dO tiles of 64); dkdv_stages: the dk/dv kernel's own
     depth, if given (its steps are half as long and its tiles half as big: at D=128 it fits
-    4 where the dq kernel fits 2); fused_dq: accumulate dq
+    4 where the dq kernel fits 2); dkdv_q_rows: the q rows of a dk/dv step, 64 (half a
+    BlockMask block) or 128 (the whole block: twice the work per step, for the same waits
+    and barriers; with 64-column heads only, where the transposed scores and dP^T of 64 x 128
+    and the dk, dv accumulators fit a consumer's registers; not with fused_dq); fused_dq: accumulate dq
     in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
     deterministic) instead of running the dq kernel; off by default: no faster on an H200
     (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
@@ -81,6 +85,7 @@ class BwdConfig:
 
     stages: int = 2
     dkdv_stages: int | None = None
+    dkdv_q_rows: int = _ROWS
     fused_dq: bool = False
     paired: bool = False
     schedule_barrier: bool = False
@@ -93,7 +98,26 @@ class BwdConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise ValueError(f"{name}={value} must be >= 2 (a ring of tiles)")
+        if self.dkdv_q_rows not in (_ROWS, 2 * _ROWS):
+            raise ValueError(f"dkdv_q_rows={self.dkdv_q_rows}: expected {_ROWS} or {2 * _ROWS}")
+        if self.dkdv_q_rows != _ROWS and self.fused_dq:
+            raise ValueError(
+                f"dkdv_q_rows={self.dkdv_q_rows} with fused_dq: the fused dq product takes "
+                f"{_ROWS} q rows a step; use one or the other"
+            )
         ring.register_split(CONSUMERS, self.registers)
+
+
+def config_refusal(spec: KernelSpec, cfg: BwdConfig) -> str | None:
+    """Why `cfg` cannot run `spec`'s backward as asked (the backend raises: a config the
+    caller chose), or None."""
+    if cfg.dkdv_q_rows != _ROWS and spec.E > 64:
+        return (
+            f"dkdv_q_rows={cfg.dkdv_q_rows} takes heads of at most 64 columns (E={spec.E}): "
+            f"with more, the dk/dv accumulators and the {_ROWS} x {cfg.dkdv_q_rows} scores "
+            f"and dP^T need more registers than a consumer has; use {_ROWS}"
+        )
+    return None
 
 
 def dkdv_ring(cfg: BwdConfig) -> int:
@@ -110,15 +134,15 @@ def smem_bytes(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> int:
 def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dict[str, int]:
     """{"dq": bytes, "dkdv": bytes}: the shared memory of each kernel run (no "dq" when
     fused: the dk/dv kernel then also accumulates dq)."""
-    item, D, R = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS
+    item, D, R, Rq = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS, cfg.dkdv_q_rows
     tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
-    dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * R * D * item + 2 * R * 4)
+    dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * Rq * D * item + 2 * Rq * 4)
     if spec.group_size > 1 or spec.kv_batch_broadcast:
         dkdv += CONSUMERS * R * D * 4  # float32 staging of dk, dv
     if fused:
-        dkdv += 2 * CONSUMERS * R * R * item  # dS^T, two steps' buffers
-        dkdv += CONSUMERS * R * _dq_cols(spec) * 4  # float32 staging of dq's part
+        dkdv += 2 * CONSUMERS * R * Rq * item  # dS^T, two steps' buffers
+        dkdv += CONSUMERS * Rq * _dq_cols(spec) * 4  # float32 staging of dq's part
     extra = 2 * CONSUMERS * R * 4 + tables + 4 * 1024
     return {"dkdv": dkdv + extra} if fused else {"dq": dq + extra, "dkdv": dkdv + extra}
 
@@ -399,7 +423,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     `_dq_cols` columns of dq."""
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     fused = dq_acc is not None
-    bq = bkv = _ROWS
+    bkv, bq = _ROWS, cfg.dkdv_q_rows
     stages = dkdv_ring(cfg)
     num, idx, full_num, full_idx = compat.padded_tables(tables.cols)
     tile = (bkv, bq)  # transposed scores: [kv, q]
