@@ -662,12 +662,13 @@ GPU_BWD_CASES = [
 @pytest.mark.parametrize(
     "case", GPU_BWD_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}"
 )
-@pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order"])
+@pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order", "dkdv-ring"])
 def test_compiled_backward_matches_reference_on_gpu(case, variant):
     """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
-    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); and the default's other
+    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); the default's other
     matmul order, consumer schedule, row order and register split (`BwdConfig.paired`,
-    `.schedule_barrier`, `.longest_first`, `.registers`)."""
+    `.schedule_barrier`, `.longest_first`, `.registers`); and the dk/dv kernel's own ring
+    of 4, with steps of 128 q rows at D=64 (`.dkdv_stages`, `.dkdv_q_rows`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
         "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},
@@ -676,6 +677,8 @@ def test_compiled_backward_matches_reference_on_gpu(case, variant):
                         "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier,
                         "MOSAIC_BWD_LONGEST_FIRST": not BwdConfig.longest_first,
                         "MOSAIC_BWD_REGISTERS": 240},
+        "dkdv-ring": {**MOSAIC, "MOSAIC_BWD_DKDV_STAGES": 4,
+                      "MOSAIC_BWD_DKDV_Q_ROWS": 128 if D == 64 else 64},
     }[variant]  # fmt: skip
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)
