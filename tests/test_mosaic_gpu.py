@@ -648,6 +648,32 @@ def test_compiled_forward_matches_reference_on_gpu(case, pipelined):
     np.testing.assert_array_equal(np.asarray(t(lse2)), np.asarray(lse))
 
 
+@pytest.mark.parametrize(
+    "pipelined, D",
+    [(False, 64), pytest.param(True, 128, marks=pytest.mark.gpu),
+     pytest.param(True, 64, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_forward_ignores_non_finite_keys_it_masks_out(pipelined, D):
+    """Keys past a sequence's end may hold garbage (an uninitialised cache: NaN, inf); masked
+    out, they change nothing: the scores are masked before the softmax, and the pipelined
+    order's extra product at step 0 (P = 0) reads that step's V tile, not its K tile.
+    (Interpret mode runs the unpipelined order.)"""
+    B, H, S, valid = 1, 2, 512 if pipelined else 256, 100
+    q, k, v = random_qkv(17, B, H, S, S, D, dtype=jnp.bfloat16)
+    bm = fj.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < valid, 1, 1, S, S)
+    garbage = k.at[:, :, valid:].set(jnp.nan).at[:, :, valid + 10].set(jnp.inf)
+    options = {**MOSAIC, "MOSAIC_PIPELINED": pipelined}
+    attend = jax.jit(
+        lambda q, k, v: fj.flex_attention(q, k, v, None, bm, return_lse=True, kernel_options=options)
+    )  # fmt: skip
+    out, lse = attend(q, garbage, v)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    ref, ref_lse = flex_attention_reference(
+        *(x.astype(jnp.float32) for x in (q, k, v)), None, bm, return_lse=True
+    )
+    _check(out, lse, ref, ref_lse, TOL[jnp.bfloat16])
+
+
 GPU_BWD_CASES = [
     ("causal", None, _causal, 1, 64, jnp.float16),
     ("causal gqa", None, _causal, 2, 128, jnp.bfloat16),

@@ -148,7 +148,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         o_ref, lse_ref, scratch = rest[len(consts) :]
         (qo_s, kv_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
          q_bar, k_bar, v_bar, t_bar, kc_bar, vc_bar, sched_bar) = scratch  # fmt: skip
-        k_s, v_s = kv_s.at[0], kv_s.at[1]  # one buffer, so a step may pick either by index
+        k_s, v_s = kv_s.at[0], kv_s.at[1]
         refs = (const_refs[:n_score], const_refs[n_score:])
         h, r, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
         if cfg.longest_first:
@@ -288,44 +288,35 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
                 Every wgmma wait is unconditional (ptxas serialises all wgmmas of a kernel
                 whose accumulator reads it cannot prove ordered after a wait): step 0 also
-                issues a PV, of P = 0 with its own K tile (read, never written), which adds
-                exactly 0 to O for finite K. (A NaN or inf in a masked-out row of a row's first
-                K tile would make that row NaN here and not in the unpipelined order, which
-                masks scores; a non-finite V row does so in both, as in the reference: keep
-                padding finite. A zeroed tile in shared memory would avoid it, for 16-32 KiB.)"""
+                issues a PV, of P = 0 with its own V tile, which adds exactly what the
+                unpipelined order and the reference add for that tile (0, or NaN where V
+                holds a non-finite value: 0 * inf is NaN in both). Each V tile is waited for
+                once: V_0 at step 0, V_i (i >= 1) at step i + 1 or after the loop."""
 
                 def pstep(j, carry, masked: bool):
                     m_i, l_i, p_prev = carry
                     slot, prev = lax.rem(j, stages), lax.rem(j + stages - 1, stages)
                     first = j == 0
                     staged = staged_for(j, masked)
+                    row = jnp.where(first, slot, prev)  # the V tile of this step's PV
 
                     def qk(s_ref):
                         plgpu.wgmma(s_ref, qo, k_s.at[slot].transpose((1, 0)))
 
-                        @pl.when(~first)
+                        @pl.when(j != 1)  # (step 1's PV reads V_0, waited for at step 0)
                         def _():
-                            plgpu.barrier_wait(v_bar.at[prev])
+                            plgpu.barrier_wait(v_bar.at[row])
 
-                        kv, row = jnp.where(first, 0, 1), jnp.where(first, slot, prev)
-                        plgpu.wgmma(acc_ref, p_prev, kv_s.at[kv, row])
+                        plgpu.wgmma(acc_ref, p_prev, v_s.at[row])
                         turns.turn()
                         plgpu.wgmma_wait(1)  # S_j is done; PV_{j-1} may still run
                         return plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
 
                     s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-
-                    @pl.when(~first)
-                    def _():
-                        ring.release(kc_bar.at[slot], bool(reads.kv))
-
+                    ring.release(kc_bar.at[slot], bool(reads.kv))
                     p16, m_new, l_i, alpha = online_softmax(s, j, masked, staged, m_i, l_i)
                     turns.arrive()
                     plgpu.wgmma_wait(0)  # PV_{j-1} is done: rescale O, release its tile
-
-                    @pl.when(first)
-                    def _():
-                        ring.release(kc_bar.at[slot], bool(reads.kv))
 
                     @pl.when(~first)
                     def _():
@@ -340,9 +331,12 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
                 m_i, l_i, p_last = loops(pstep, (m_i0, l_i0, p0))
                 last = lax.rem(n + stages - 1, stages)
 
-                @pl.when(n > 0)
+                @pl.when(n > 1)  # (with one step, V_0 was waited for at step 0)
                 def _():
                     plgpu.barrier_wait(v_bar.at[last])
+
+                @pl.when(n > 0)
+                def _():
                     plgpu.wgmma(acc_ref, p_last, v_s.at[last])
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(vc_bar.at[last])
