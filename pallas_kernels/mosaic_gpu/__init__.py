@@ -27,7 +27,8 @@ QK^T of a step issued with PV of the one before), defaults by head dim
 kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
 `stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
 ("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `dkdv_q_rows`
-("MOSAIC_BWD_DKDV_Q_ROWS", q rows a dk/dv step: 64, or 128 at D=64), `paired` ("MOSAIC_BWD_PAIRED"),
+("MOSAIC_BWD_DKDV_Q_ROWS", q rows a dk/dv step: 64, or 128 at D=64),
+`paired` ("MOSAIC_BWD_PAIRED"),
 `schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER"), `longest_first`
 ("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows) and `registers`
 ("MOSAIC_BWD_REGISTERS", per consumer thread);
@@ -176,7 +177,10 @@ class MosaicGpuBackend(dispatch.Backend):
         if why is not None:
             raise ValueError(f"kernel_options MOSAIC_BWD_DKDV_Q_ROWS={bwd.dkdv_q_rows}: {why}")
         rings = {"dq": ("MOSAIC_BWD_STAGES", bwd.stages)}
-        rings["dkdv"] = rings["dq"] if bwd.dkdv_stages is None else ("MOSAIC_BWD_DKDV_STAGES", bwd.dkdv_stages)  # fmt: skip
+        if bwd.dkdv_stages is None:
+            rings["dkdv"] = rings["dq"]
+        else:
+            rings["dkdv"] = ("MOSAIC_BWD_DKDV_STAGES", bwd.dkdv_stages)
         for kernel, need in mosaic_bwd.smem_by_kernel(spec, bwd).items():
             if need > SMEM_BYTES:
                 key, depth = rings[kernel]

@@ -68,8 +68,8 @@ class BwdConfig:
     4 where the dq kernel fits 2); dkdv_q_rows: the q rows of a dk/dv step, 64 (half a
     BlockMask block) or 128 (the whole block: twice the work per step, for the same waits
     and barriers; with 64-column heads only, where the transposed scores and dP^T of 64 x 128
-    and the dk, dv accumulators fit a consumer's registers; not with fused_dq); fused_dq: accumulate dq
-    in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
+    and the dk, dv accumulators fit a consumer's registers; not with fused_dq);
+    fused_dq: accumulate dq in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
     deterministic) instead of running the dq kernel; off by default: no faster on an H200
     (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
     S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
