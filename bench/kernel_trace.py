@@ -14,7 +14,10 @@ timer's figure, and from a CUPTI trace of `--calls` back-to-back calls (JAX:
 call it fell after.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/kernel_trace.py \\
-        --shape "bf16 D128" --backends MOSAIC_GPU --torch --out bench/results/<name>
+        --shape "bf16 D128" --backends MOSAIC_GPU --libs jax --out bench/results/<name>_jax
+    ... --libs torch --out bench/results/<name>_torch
+
+(one library a process: both profilers subscribe to CUPTI, which may take only one).
 
 The environment's XLA_PYTHON_CLIENT_* settings are written with the results,
 so runs under other allocator settings can be told apart.
@@ -135,7 +138,7 @@ def main(argv=None):
     p.add_argument("--shape", default="bf16 D128", choices=list(SHAPES))
     p.add_argument("--backends", default="MOSAIC_GPU", help="comma-separated flexjax backends")
     p.add_argument("--calls", type=int, default=10, help="back-to-back calls traced and timed")
-    p.add_argument("--torch", action="store_true", help="torch SDPA rows too")
+    p.add_argument("--libs", default="jax", help="jax (flexjax rows), torch (SDPA rows), or both")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not any(d.platform == "gpu" for d in jax.devices()):
@@ -147,7 +150,8 @@ def main(argv=None):
     q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
     bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
     rows = []
-    for backend in args.backends.split(","):
+    libs = args.libs.split(",")
+    for backend in args.backends.split(",") if "jax" in libs else ():
         options = {"BACKEND": backend}
         fwd = jax.jit(lambda q, k, v, o=options: fj.flex_attention(q, k, v, block_mask=bm, kernel_options=o))  # fmt: skip
         grads = _grad_fn(bm, options, do)
@@ -155,7 +159,7 @@ def main(argv=None):
             jax.block_until_ready(f())
             loop = time_loop_jax(f, args.calls)
             rows.append(_row(f"flexjax {backend}", kind, loop, summarize(jax_events(f, args.calls), args.calls)))  # fmt: skip
-    if args.torch:
+    if "torch" in libs:
         import torch
         import torch.nn.functional as F
 
