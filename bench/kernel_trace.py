@@ -11,7 +11,7 @@ timer's figure, and from a CUPTI trace of `--calls` back-to-back calls (JAX:
 `jax.profiler` read back with `jax.profiler.ProfileData`; torch:
 `torch.profiler`) the kernels' summed time a call, the GPU's busy time a call
 (the union of the kernels' intervals) and every idle gap over 10 us, with the
-call it fell after.
+kernel it fell before; and how long each call takes the host to return (dispatch).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 bench/kernel_trace.py \\
         --shape "bf16 D128" --backends MOSAIC_GPU --libs jax --out bench/results/<name>_jax
@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import statistics
 import tempfile
+import time
 
 import jax
 
@@ -122,15 +124,43 @@ def torch_events(fn, calls: int, cuda: bool = True, before=None):
     ]
 
 
-def _row(impl: str, kind: str, loop_ms: float, trace: dict) -> dict:
-    row = dict(impl=impl, kind=kind, loop_ms=loop_ms, **trace)
+def host_ms(fn, calls: int, sync, before=None) -> list[float]:
+    """Wall ms each of `calls` back-to-back calls of `fn` takes to return (dispatch: the host's
+    side, with no sync between calls); one `sync()` after them. A host that cannot run ahead of
+    the GPU shows here as calls as long as the GPU's."""
+    times = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync(result)
+    return times
+
+
+def _row(impl: str, kind: str, loop_ms: float, host: list[float], trace: dict) -> dict:
+    row = dict(impl=impl, kind=kind, loop_ms=loop_ms, host_ms=host, **trace)
     gaps = trace["gaps"]
     print(
-        f"{impl} | {kind} | loop {loop_ms:.3f} ms | kernels {trace['kernel_ms']:.3f} | "
+        f"{impl} | {kind} | loop {loop_ms:.3f} ms | host {statistics.median(host):.3f} "
+        f"(max {max(host):.3f}) | kernels {trace['kernel_ms']:.3f} | "
         f"busy {trace['busy_ms']:.3f} | gaps {[(i, round(ms, 3)) for i, ms in gaps]}",
         flush=True,
     )
     return row
+
+
+def table(rows) -> str:
+    """The rows as a markdown table."""
+    text = ("| impl | kind | loop ms | host ms, median (max) | kernels ms | GPU busy ms | "
+            "idle gaps (kernel # it fell before, ms) |\n|---|---|---|---|---|---|---|\n")  # fmt: skip
+    for r in rows:
+        gaps = ", ".join(f"{i}: {ms:.3f}" for i, ms in r["gaps"]) or "none"
+        host = f"{statistics.median(r['host_ms']):.3f} ({max(r['host_ms']):.3f})"
+        text += (f"| {r['impl']} | {r['kind']} | {r['loop_ms']:.3f} | {host} | "
+                 f"{r['kernel_ms']:.3f} | {r['busy_ms']:.3f} | {gaps} |\n")  # fmt: skip
+    return text
 
 
 def main(argv=None):
@@ -158,7 +188,9 @@ def main(argv=None):
         for kind, f in (("fwd", lambda: fwd(q, k, v)), ("fwd+bwd", lambda: grads(q, k, v))):
             jax.block_until_ready(f())
             loop = time_loop_jax(f, args.calls)
-            rows.append(_row(f"flexjax {backend}", kind, loop, summarize(jax_events(f, args.calls), args.calls)))  # fmt: skip
+            host = host_ms(f, args.calls, jax.block_until_ready)
+            trace = summarize(jax_events(f, args.calls), args.calls)
+            rows.append(_row(f"flexjax {backend}", kind, loop, host, trace))
     if "torch" in libs:
         import torch
         import torch.nn.functional as F
@@ -178,18 +210,14 @@ def main(argv=None):
             f()
             torch.cuda.synchronize()
             loop = time_loop_torch(f, args.calls, True, leaves if before else ())
+            host = host_ms(f, args.calls, lambda _: torch.cuda.synchronize(), before)
             trace = summarize(torch_events(f, args.calls, before=before), args.calls)
-            rows.append(_row("torch SDPA", kind, loop, trace))
+            rows.append(_row("torch SDPA", kind, loop, host, trace))
     meta = meta_info("GPU", True)
     meta["env"] = {k: v for k, v in os.environ.items() if k.startswith("XLA_PYTHON_CLIENT")}
     text = f"# Loop timer against profiler trace, {meta['gpu']}, {meta['date']}\n\n{meta}\n\n"
     text += f"{args.shape}: B={B} H={H} S={S} D={D} causal, {args.calls} back-to-back calls\n\n"
-    text += "| impl | kind | loop ms | kernels ms | GPU busy ms | idle gaps (after call's kernel #, ms) |\n"  # fmt: skip
-    text += "|---|---|---|---|---|---|\n"
-    for r in rows:
-        gaps = ", ".join(f"{i}: {ms:.3f}" for i, ms in r["gaps"]) or "none"
-        text += (f"| {r['impl']} | {r['kind']} | {r['loop_ms']:.3f} | {r['kernel_ms']:.3f} | "
-                 f"{r['busy_ms']:.3f} | {gaps} |\n")  # fmt: skip
+    text += table(rows)
     print(text)
     write_report(args.out, text, dict(meta=meta, rows=rows))
     return rows

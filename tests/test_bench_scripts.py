@@ -124,7 +124,7 @@ def test_kernel_trace_summarizes_gaps_overlaps_and_reads_both_profilers():
     import pytest
     import torch
 
-    from bench.kernel_trace import jax_events, summarize, torch_events
+    from bench.kernel_trace import _row, host_ms, jax_events, summarize, table, torch_events
 
     us = 1000
     events = [  # (start, duration, name): two calls; a second stream overlaps the first kernel
@@ -145,3 +145,8 @@ def test_kernel_trace_summarizes_gaps_overlaps_and_reads_both_profilers():
     assert summarize(jax_events(f, 3, plane="/host:CPU", line=""), 3)["busy_ms"] > 0
     x = torch.ones(64, 64)
     assert summarize(torch_events(lambda: x @ x, 3, cuda=False), 3)["kernel_ms"] > 0
+    synced = []
+    times = host_ms(f, 4, lambda result: synced.append(result))
+    assert len(times) == 4 and min(times) > 0 and len(synced) == 1
+    text = table([_row("flexjax X", "fwd+bwd", 2.5, [0.1, 0.3, 0.2], s)])
+    assert "| flexjax X | fwd+bwd | 2.500 | 0.200 (0.300) | 0.223 | 0.198 | 3: 2.000 |" in text
