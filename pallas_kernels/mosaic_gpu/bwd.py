@@ -420,7 +420,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     dS^T-transposed product with K, added into dq_acc by TMA reduce-add (`fused_dq`): the
     consumers write their dS^T into a shared buffer (one per step parity, so one consumer
     never overwrites what the other may still read), meet, and each multiplies by K its
-    `_dq_cols` columns of dq."""
+    `_dq_cols` columns of dq. Compiled, with the columns split (D=128), that step runs in
+    FlashAttention-3's order with partial waits (`overlapped`)."""
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     fused = dq_acc is not None
     bkv, bq = _ROWS, cfg.dkdv_q_rows
@@ -478,6 +479,46 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             turns = ring.Turns(sched_bar, wg)  # (None when they meet: that pairs them)
             meet = ring.Turns(ds_bar, wg)  # (a rendezvous, `meet.turn()`; None unless `meets`)
 
+            def probs(st, j, masked: bool, slot):
+                """Raw S^T of step j -> (P^T in float32, the score_mod's pullback)."""
+                st = scaled(st, kern.pre)
+                q_idx = ops.index(q_rows(j), 1)
+                kv_idx = ops.index(kv_row0, 0)
+                q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
+                ops.staged = reads.order(q_tiles | kv_tiles, masked)
+                st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
+                lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
+                pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
+                return pt, compat.without_add_any(pullback)
+
+            def dscores(pt, dpt, pullback, slot):
+                """dS^T in the inputs' dtype (converted once: the dK product and the dq
+                product's shared-memory copy both read it)."""
+                dlt = compat.load_vector(delta_s.at[slot], compat.COL, interpret)
+                dst, _ = pullback(pt * (dpt - _bcast(dlt, tile, 1)))
+                return dst.astype(dtype)
+
+            def dq_pairs(j, dst16):
+                """Write this consumer's dS^T (one buffer per step parity, so one consumer
+                never overwrites what the other may still read); when they split dq's columns,
+                meet the other. -> the (lhs, rhs) shared-memory pairs of this consumer's dq
+                product, dS^T read transposed."""
+                ds_buf = ds_s.at[lax.rem(j, 2)]
+                ds_buf.at[wg][...] = dst16
+                plgpu.commit_smem()
+                if not split:
+                    return [(ds_buf.at[wg].transpose((1, 0)), kw)]
+                meet.turn()  # both consumers' dS^T are written
+                cols = pl.ds(wg * dq_cols, dq_cols)
+                return [(ds_buf.at[w].transpose((1, 0)), k_s.at[w, :, cols]) for w in range(CONSUMERS)]  # fmt: skip
+
+            def dq_store(j, dq):
+                """Add this consumer's part of step j's dq into dq_acc (TMA reduce-add)."""
+                dq_out = dq_ref.at[kern.at(b, h, pl.ds(q_rows(j), bq))]
+                if split:  # this consumer's column half
+                    dq_out = dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)]
+                _reduce_add(dq, dq_s.at[wg], dq_out)
+
             def step(j, carry, masked: bool):
                 dk, dv = carry
                 slot = lax.rem(j, stages)
@@ -490,67 +531,96 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     )  # fmt: skip
                 else:
                     st = compat.matmul_nt(kw, qj, tile, interpret, after=turns.turn)
-                st = scaled(st, kern.pre)
-                q_idx = ops.index(q_rows(j), 1)
-                kv_idx = ops.index(kv_row0, 0)
-                q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
-                ops.staged = reads.order(q_tiles | kv_tiles, masked)
-                st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
-                pullback = compat.without_add_any(pullback)
-                lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
-                pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
+                pt, pullback = probs(st, j, masked, slot)
                 if not cfg.paired:
                     dv, dpt = kern.matmuls(
                         [(dv, pt, doj, "reg"), (kern.zeros(tile), vw, doj, "nt")], staging
                     )
-                dlt = compat.load_vector(delta_s.at[slot], compat.COL, interpret)
-                dst, _ = pullback(pt * (dpt - _bcast(dlt, tile, 1)))
-                terms = [(dk, dst, qj, "reg")]
+                dst16 = dscores(pt, dpt, pullback, slot)
+                terms = [(dk, dst16, qj, "reg")]
                 if cfg.paired:  # dV and dK issued together
                     terms.insert(0, (dv, pt, doj, "reg"))
-                if fused:  # dq's part: dS^T through shared memory, read transposed by wgmma
-                    ds_buf = ds_s.at[lax.rem(j, 2)]
-                    ds_buf.at[wg][...] = dst.astype(dtype)
-                    plgpu.commit_smem()
-                    if split:  # both consumers' dS^T are written
-                        meet.turn()
-                        cols = pl.ds(wg * dq_cols, dq_cols)
-                        pairs = [(ds_buf.at[w].transpose((1, 0)), k_s.at[w, :, cols])
-                                 for w in range(CONSUMERS)]  # fmt: skip
-                    else:
-                        pairs = [(ds_buf.at[wg].transpose((1, 0)), kw)]
-                    terms.append((kern.zeros((bq, dq_cols)), pairs, None, "refs"))
+                if fused:  # dq's part: dS^T through shared memory
+                    terms.append((kern.zeros((bq, dq_cols)), dq_pairs(j, dst16), None, "refs"))
                 turns.turn()
                 out = kern.matmuls(terms, staging)
                 if cfg.paired:
                     dv, out = out[0], out[1:]
                 dk = out[0]
                 if fused:
-                    rows = pl.ds(q_rows(j), bq)
-                    dq_out = dq_ref.at[kern.at(b, h, rows)]
-                    if split:  # this consumer's column half
-                        dq_out = dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)]
-                    _reduce_add(out[1], dq_s.at[wg], dq_out)
+                    dq_store(j, out[1])
                 ring.release(c_bar.at[slot], bool(reads.q))
                 return dk, dv
 
-            carry = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
+            def overlapped(acc_refs):
+                """The fused step in FlashAttention-3's order, compiled only (the interpreter
+                has no in-place accumulators), dK and dV accumulating in place: S^T and dP^T
+                issued together, P^T computed while dP^T runs; dV issued before the
+                consumers meet; then the dq product and dK, and dq read back while dK runs.
+                Each wait is partial and unconditional (see the forward's pipelined loop)."""
+                dk_acc, dv_acc = acc_refs
+
+                def ostep(j, carry, masked: bool):
+                    slot = lax.rem(j, stages)
+                    plgpu.barrier_wait(bar.at[slot])
+                    qj, doj = q_s.at[slot], do_s.at[slot]
+
+                    def sdp(st_ref, dpt_ref):
+                        plgpu.wgmma(st_ref, kw, qj.transpose((1, 0)))
+                        plgpu.wgmma(dpt_ref, vw, doj.transpose((1, 0)))
+                        plgpu.wgmma_wait(1)  # S^T is done; dP^T may still run
+                        st = plgpu.wgmma_accumulator_load(st_ref, wait_n=None)
+                        pt, pullback = probs(st, j, masked, slot)
+                        plgpu.wgmma_wait(0)
+                        dpt = plgpu.wgmma_accumulator_load(dpt_ref, wait_n=None)
+                        return pt.astype(dtype), dscores(pt, dpt, pullback, slot)
+
+                    pt16, dst16 = pl.run_scoped(sdp, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))  # fmt: skip
+                    plgpu.wgmma(dv_acc, pt16, doj)  # dV += P^T dO, running through the meeting
+                    pairs = dq_pairs(j, dst16)
+
+                    def dq_dk(dq_acc_ref):
+                        for lhs, rhs in pairs:
+                            plgpu.wgmma(dq_acc_ref, lhs, rhs)
+                        plgpu.wgmma(dk_acc, dst16, qj)  # dK += dS^T Q
+                        plgpu.wgmma_wait(1)  # dV and the dq product are done; dK may run
+                        return plgpu.wgmma_accumulator_load(dq_acc_ref, wait_n=None)
+
+                    dq_store(j, pl.run_scoped(dq_dk, plgpu.ACC((bq, dq_cols), jnp.float32)))
+                    plgpu.wgmma_wait(0)  # dK is done: the step's Q and dO are read
+                    ring.release(c_bar.at[slot], bool(reads.q))
+                    return carry
+
+                if spec.has_partial:
+                    lax.fori_loop(0, n_p * halves, functools.partial(ostep, masked=True), 0)
+                if spec.has_full:
+                    lax.fori_loop(n_p * halves, n, functools.partial(ostep, masked=False), 0)
+                plgpu.wgmma_wait(0)
+                finish(dk_acc[...], dv_acc[...])
+
+            def finish(dk, dv):
+                if fused:  # the last reduce-add has read its staging tile
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                meet.turn()  # (when they meet) the other consumer's last dq product has read our K
+                dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
+                if per_head:  # one float32 staging tile, used twice
+                    kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
+                    kern.store_tiles([(dv, out_s.at[wg], dv_out)])
+                else:
+                    kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
+
+            zeros = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
+            if meets and not interpret:
+                pl.run_state(overlapped)(tuple(plgpu.ACC.init(z) for z in zeros))
+                return
+            carry = zeros
             turns.start()
             if spec.has_partial:
                 carry = lax.fori_loop(0, n_p * halves, functools.partial(step, masked=True), carry)
             if spec.has_full:
                 carry = lax.fori_loop(n_p * halves, n, functools.partial(step, masked=False), carry)
             turns.end()
-            dk, dv = carry
-            if fused:  # the last reduce-add has read its staging tile
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            meet.turn()  # (when they meet) the other consumer's last dq product has read our K
-            dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
-            if per_head:  # one float32 staging tile, used twice
-                kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
-                kern.store_tiles([(dv, out_s.at[wg], dv_out)])
-            else:
-                kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
+            finish(*carry)
 
         lists = (idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, c)
         _roles(kern, lists, n, stages, cfg, copy, c_bar, consumer)
