@@ -73,7 +73,8 @@ class BwdConfig:
     deterministic) instead of running the dq kernel; off by default: no faster on an H200
     (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
     S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
-    (three); schedule_barrier: the two consumers take turns between their matmul groups
+    (three); compiled, in FlashAttention-3's order with partial waits (P^T computed while
+    dP^T runs, dK and dV accumulating in place); schedule_barrier: the two consumers take turns between their matmul groups
     (the forward's ping-pong: one runs its elementwise work while the other's matmuls use
     the tensor cores); longest_first: the dq kernel takes the BlockMask's rows last to first
     (as the forward: under a causal mask the longest rows start first and the short ones
@@ -421,7 +422,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     consumers write their dS^T into a shared buffer (one per step parity, so one consumer
     never overwrites what the other may still read), meet, and each multiplies by K its
     `_dq_cols` columns of dq. Compiled, with the columns split (D=128), that step runs in
-    FlashAttention-3's order with partial waits (`overlapped`)."""
+    FlashAttention-3's order with partial waits (`overlapped`), as does the paired order."""
     spec, interpret, dtype, D = kern.spec, kern.interpret, kern.dtype, kern.D
     fused = dq_acc is not None
     bkv, bq = _ROWS, cfg.dkdv_q_rows
@@ -553,11 +554,12 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 return dk, dv
 
             def overlapped(acc_refs):
-                """The fused step in FlashAttention-3's order, compiled only (the interpreter
-                has no in-place accumulators), dK and dV accumulating in place: S^T and dP^T
-                issued together, P^T computed while dP^T runs; dV issued before the
-                consumers meet; then the dq product and dK, and dq read back while dK runs.
-                Each wait is partial and unconditional (see the forward's pipelined loop)."""
+                """The step in FlashAttention-3's order, compiled only (the interpreter has no
+                in-place accumulators), dK and dV accumulating in place: S^T and dP^T issued
+                together, P^T computed while dP^T runs; dV issued (before the consumers meet,
+                fused); then dK, after the dq product when fused (dq read back while dK
+                runs). Each wait is partial and unconditional (see the forward's pipelined
+                loop). Runs the fused step at D=128 and the paired order."""
                 dk_acc, dv_acc = acc_refs
 
                 def ostep(j, carry, masked: bool):
@@ -568,6 +570,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     def sdp(st_ref, dpt_ref):
                         plgpu.wgmma(st_ref, kw, qj.transpose((1, 0)))
                         plgpu.wgmma(dpt_ref, vw, doj.transpose((1, 0)))
+                        turns.turn()
                         plgpu.wgmma_wait(1)  # S^T is done; dP^T may still run
                         st = plgpu.wgmma_accumulator_load(st_ref, wait_n=None)
                         pt, pullback = probs(st, j, masked, slot)
@@ -576,25 +579,31 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                         return pt.astype(dtype), dscores(pt, dpt, pullback, slot)
 
                     pt16, dst16 = pl.run_scoped(sdp, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))  # fmt: skip
-                    plgpu.wgmma(dv_acc, pt16, doj)  # dV += P^T dO, running through the meeting
-                    pairs = dq_pairs(j, dst16)
+                    turns.turn()
+                    plgpu.wgmma(dv_acc, pt16, doj)  # dV += P^T dO (running through the meeting)
+                    if fused:
+                        pairs = dq_pairs(j, dst16)
 
-                    def dq_dk(dq_acc_ref):
-                        for lhs, rhs in pairs:
-                            plgpu.wgmma(dq_acc_ref, lhs, rhs)
-                        plgpu.wgmma(dk_acc, dst16, qj)  # dK += dS^T Q
-                        plgpu.wgmma_wait(1)  # dV and the dq product are done; dK may run
-                        return plgpu.wgmma_accumulator_load(dq_acc_ref, wait_n=None)
+                        def dq_dk(dq_acc_ref):
+                            for lhs, rhs in pairs:
+                                plgpu.wgmma(dq_acc_ref, lhs, rhs)
+                            plgpu.wgmma(dk_acc, dst16, qj)  # dK += dS^T Q
+                            plgpu.wgmma_wait(1)  # dV and the dq product are done; dK may run
+                            return plgpu.wgmma_accumulator_load(dq_acc_ref, wait_n=None)
 
-                    dq_store(j, pl.run_scoped(dq_dk, plgpu.ACC((bq, dq_cols), jnp.float32)))
-                    plgpu.wgmma_wait(0)  # dK is done: the step's Q and dO are read
+                        dq_store(j, pl.run_scoped(dq_dk, plgpu.ACC((bq, dq_cols), jnp.float32)))
+                    else:
+                        plgpu.wgmma(dk_acc, dst16, qj)
+                    plgpu.wgmma_wait(0)  # dV and dK are done: the step's Q and dO are read
                     ring.release(c_bar.at[slot], bool(reads.q))
                     return carry
 
+                turns.start()
                 if spec.has_partial:
                     lax.fori_loop(0, n_p * halves, functools.partial(ostep, masked=True), 0)
                 if spec.has_full:
                     lax.fori_loop(n_p * halves, n, functools.partial(ostep, masked=False), 0)
+                turns.end()
                 plgpu.wgmma_wait(0)
                 finish(dk_acc[...], dv_acc[...])
 
@@ -610,7 +619,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     kern.store_tiles([(dk * spec.scale, kw, dk_out), (dv, vw, dv_out)])
 
             zeros = (kern.zeros((bkv, D)), kern.zeros((bkv, D)))
-            if meets and not interpret:
+            if (meets or cfg.paired) and not interpret:
                 pl.run_state(overlapped)(tuple(plgpu.ACC.init(z) for z in zeros))
                 return
             carry = zeros
