@@ -33,6 +33,15 @@ from pallas_kernels.mosaic_gpu import bwd as mbwd
 SHAPES = {"bf16 D128": (4, 16, 8192, 128, "bfloat16"), "fp16 D64": (16, 16, 8192, 64, "float16")}
 
 
+def causal_inputs(shape: str):
+    """(q, k, v, do, causal BlockMask) of a SHAPES entry, random, in [B, H, S, D]."""
+    B, H, S, D, dt = SHAPES[shape]
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
+    bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
+    return q, k, v, do, bm
+
+
 def _grad_fn(bm, options, do):
     """q, k, v -> their gradients for the cotangent `do` of out (torch's `out.backward(do)`)."""
 
@@ -79,10 +88,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not any(d.platform == "gpu" for d in jax.devices()):
         raise SystemExit("bench_mosaic_bwd.py measures an H100/H200: it needs a CUDA GPU")
-    B, H, S, D, dt = SHAPES[args.shape]
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
-    bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
+    B, H, S, D, _ = SHAPES[args.shape]
+    q, k, v, do, bm = causal_inputs(args.shape)
     flops = 4 * B * H * S * S * D / 2 * 2.5  # causal forward + backward
     want = _grad_fn(bm, {"BACKEND": "TRITON"}, do)(q, k, v)
     rows = []

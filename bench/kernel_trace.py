@@ -35,7 +35,7 @@ import time
 import jax
 
 import flexjax as fj
-from bench.bench_mosaic_bwd import SHAPES, _grad_fn
+from bench.bench_mosaic_bwd import SHAPES, _grad_fn, causal_inputs
 from bench.report import write_report
 from bench.timing import time_loop_jax, time_loop_torch
 
@@ -175,10 +175,8 @@ def main(argv=None):
         raise SystemExit("kernel_trace.py traces GPU kernels: it needs a CUDA GPU")
     from bench.report import meta_info
 
-    B, H, S, D, dt = SHAPES[args.shape]
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
-    bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
+    B, H, S, D, _ = SHAPES[args.shape]
+    q, k, v, do, bm = causal_inputs(args.shape)
     rows = []
     libs = args.libs.split(",")
     for backend in args.backends.split(",") if "jax" in libs else ():
