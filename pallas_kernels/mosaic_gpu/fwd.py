@@ -146,9 +146,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
     def body(q_ref, k_ref, v_ref, num_ref, idx_ref, fnum_ref, fidx_ref, *rest):
         const_refs = rest[: len(consts)]
         o_ref, lse_ref, scratch = rest[len(consts) :]
-        (qo_s, kv_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
+        (qo_s, k_s, v_s, p_s, lse_s, tp_s, tf_s, q_stage, kv_stage,
          q_bar, k_bar, v_bar, t_bar, kc_bar, vc_bar, sched_bar) = scratch  # fmt: skip
-        k_s, v_s = kv_s.at[0], kv_s.at[1]
         refs = (const_refs[:n_score], const_refs[n_score:])
         h, r, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
         if cfg.longest_first:
@@ -366,7 +365,8 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
     scratch = (
         _smem((CONSUMERS, bq, D), dtype, interpret),  # Q, then out
-        _smem((2, stages, bkv, D), dtype, interpret),  # K ring, V ring
+        _smem((stages, bkv, D), dtype, interpret),  # K ring
+        _smem((stages, bkv, D), dtype, interpret),  # V ring
         plgpu.SMEM((CONSUMERS, bq, bkv), dtype) if interpret else None,  # P (interpret mode)
         plgpu.SMEM((CONSUMERS, bq), jnp.float32),  # lse
         plgpu.SMEM(idx.shape[-1:], jnp.int32) if partial else None,  # the row's partial blocks
