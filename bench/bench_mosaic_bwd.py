@@ -53,7 +53,9 @@ def _grad_fn(bm, options, do):
 
 
 def _kernel_fns(q, k, v, do, bm, options):
-    """(dq kernel, dk/dv kernel) as jitted calls on the forward's lse and delta."""
+    """(dq kernel, dk/dv kernel) as jitted calls on the forward's lse and delta; (None, the
+    dk/dv kernel with dq's reduce-adds and the zeroing of its accumulator) where the config
+    resolves to the fused dq (`bwd.fused_dq`)."""
     call = prepare(q, k, v, None, bm, kernel_options={**options, "BACKEND": "MOSAIC_GPU"})
     backend = dispatch.backends()["MOSAIC_GPU"]
     own = call.options.for_backend(backend)
@@ -63,6 +65,15 @@ def _kernel_fns(q, k, v, do, bm, options):
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     kern = mbwd._Kernel(call.spec, call.mods, q.dtype)
     args = (q, k, v, do, lse, delta, call.tables)
+    if mbwd.fused_dq(call.spec, cfg):
+
+        def fused(*a):
+            dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+            dk, dv = mbwd._dkdv(*a, (), kern=kern, cfg=cfg, dq_acc=dq_acc)
+            return dq_acc[...], dk, dv
+
+        fused = jax.jit(fused)
+        return None, (lambda: fused(*args))
     dq = jax.jit(lambda *a: mbwd._dq(*a, (), kern=kern, cfg=cfg))
     dkdv = jax.jit(lambda *a: mbwd._dkdv(*a, (), kern=kern, cfg=cfg))
     return (lambda: dq(*args)), (lambda: dkdv(*args))
@@ -104,10 +115,9 @@ def main(argv=None):
         err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                   for a, b in zip(got, want, strict=True))  # fmt: skip
         row = dict(impl=f"MOSAIC_GPU {name}", kind="fwd+bwd", ms=time_loop_jax(lambda: g(q, k, v), args.reps), err=err)  # fmt: skip
-        if not options.get("MOSAIC_FUSED_DQ"):
-            dq, dkdv = _kernel_fns(q, k, v, do, bm, options)
-            row["dq_ms"] = time_loop_jax(dq, args.reps)
-            row["dkdv_ms"] = time_loop_jax(dkdv, args.reps)
+        dq, dkdv = _kernel_fns(q, k, v, do, bm, options)
+        row["dq_ms"] = None if dq is None else time_loop_jax(dq, args.reps)
+        row["dkdv_ms"] = time_loop_jax(dkdv, args.reps)
         rows.append(row)
         print(row, flush=True)
     triton = _grad_fn(bm, {"BACKEND": "TRITON"}, do)
@@ -117,6 +127,7 @@ def main(argv=None):
     meta = meta_info("GPU", True)
     text = f"# Mosaic GPU backward variants, {meta['gpu']}, {meta['date']}\n\n{meta}\n\n"
     text += f"{args.shape}: B={B} H={H} S={S} D={D} causal; err: max |grad - Triton backend's|\n\n"
+    text += "no dq kernel: dq fused into the dk/dv kernel (its time includes dq's)\n\n"
     text += "| impl | fwd+bwd ms | TFLOP/s | dq kernel ms | dk/dv kernel ms | err |\n"
     text += "|---|---|---|---|---|---|\n"
     fmt = lambda x: "" if x is None else f"{x:.3f}"

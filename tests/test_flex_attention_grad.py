@@ -234,8 +234,15 @@ def test_seed_example_gradients_at_seed_sizes_on_gpu(flex, name):
     kw = dict(score_mod=case.score_mod, block_mask=bm)
     grads = jax.jit(lambda *a: _vjp(flex, *a, **kw))(q, k, v, dout)
     again = jax.jit(lambda *a: _vjp(flex, *a, **kw))(q, k, v, dout)
-    for a, b in zip(grads, again, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # deterministic
+    # deterministic, but MOSAIC_GPU's default dq (TMA reduce-adds, `bwd.default_config`;
+    # its dq kernel's bitwise repeat is tests/test_mosaic_gpu.py's)
+    exact = ("dk", "dv") if flex.backend == "MOSAIC_GPU" else ("dq", "dk", "dv")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, again, strict=True):
+        if name in exact:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        else:  # the same sums in another order: within a rounding of the gradient's scale
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * np.abs(b).max(), err_msg=name)
     for b0, h0 in {(0, 0), (case.B - 1, case.H - 1)}:
         sl = lambda x, b0=b0, h0=h0: head_slice(x, b0, h0)
         score_mod = shift_score_mod(case.score_mod, b0, h0)

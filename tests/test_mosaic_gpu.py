@@ -405,7 +405,10 @@ BWD_LOWER_CONFIGS = (
     BwdConfig(fused_dq=True, registers=240),  # FlashAttention-3's register split
     BwdConfig(dkdv_stages=4),  # the dk/dv kernel's own ring depth
 )
-BWD_LOWER_CONFIGS_D64 = (BwdConfig(dkdv_q_rows=128),)  # dk/dv steps of a whole q block
+BWD_LOWER_CONFIGS_D64 = (  # dk/dv steps of a whole q block, both orders
+    BwdConfig(dkdv_q_rows=128),
+    BwdConfig(dkdv_q_rows=128, paired=True),
+)
 
 
 @pytest.mark.parametrize("name", list(LOWER_CASES))
@@ -588,6 +591,36 @@ def test_backward_ring_depths_per_kernel():
         backend.configs(call64.spec, call64.mods, {**rows, "MOSAIC_FUSED_DQ": True}, False)
 
 
+def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
+    """The measured defaults (`bwd.default_config`): dq fused into the dk/dv kernel, the
+    paired order, 240 consumer registers; the dq kernel (bitwise deterministic) when the caller
+    turns the fused dq off, asks for 128-row dk/dv steps, or asks XLA for determinism; the
+    autotuner's candidates carry every field, so a cached config rebuilds the same."""
+    backend = dispatch.backends()["MOSAIC_GPU"]
+    specs = {}
+    for D in (64, 128):
+        q = jnp.zeros((1, 2, 512, D), jnp.bfloat16)
+        specs[D] = prepare(q, q, q, None, None, kernel_options={"interpret": False})
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    got = {D: backend.configs(c.spec, c.mods, {}, False).bwd for D, c in specs.items()}
+    for D in (64, 128):
+        assert (got[D].fused_dq, got[D].paired, got[D].registers) == (True, True, 240)
+    assert fused_dq(specs[128].spec, got[128]) == (compat.JAX_VERSION >= (0, 11))
+    off = backend.configs(specs[128].spec, specs[128].mods, {"MOSAIC_FUSED_DQ": False}, False)
+    assert (off.bwd.fused_dq, off.bwd.registers) == (False, 232)
+    rows = backend.configs(specs[64].spec, specs[64].mods, {"MOSAIC_BWD_DKDV_Q_ROWS": 128}, False)
+    assert not rows.bwd.fused_dq
+    for flags in ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops"):
+        monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {flags}")
+        assert not backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+    assert backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
+    for D, call in specs.items():
+        values, cfg = next(iter(backend.candidates("bwd", call.spec, call.mods, {})))
+        assert cfg == dataclasses.replace(got[D], triton=cfg.triton)
+        assert backend.config_from("bwd", values) == cfg
+
+
 def test_register_split_fits_the_launch():
     """Three warpgroups launch with 168 registers per thread each (65536 / 384, a multiple of
     8): 504 in all, not 512. setmaxnreg.inc waits for registers the others freed, so a split
@@ -690,31 +723,41 @@ GPU_BWD_CASES = [
 )
 @pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order", "dkdv-ring"])
 def test_compiled_backward_matches_reference_on_gpu(case, variant):
-    """Both backwards: the dq kernel (the default) and dq accumulated in the dk/dv kernel by
-    TMA reduce-add (MOSAIC_FUSED_DQ; compiled on jax 0.11+ only); the default's other
+    """Both backwards: dq accumulated in the dk/dv kernel by TMA reduce-add (the default;
+    compiled on jax 0.11+ only) and the dq kernel (MOSAIC_FUSED_DQ=False: bitwise
+    deterministic, checked); the dq kernel's other
     matmul order, consumer schedule, row order and register split (`BwdConfig.paired`,
     `.schedule_barrier`, `.longest_first`, `.registers`); and the dk/dv kernel's own ring
     of 4, with steps of 128 q rows at D=64 (`.dkdv_stages`, `.dkdv_q_rows`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
-        "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},
-        "dq-kernel": MOSAIC,
-        "other-order": {**MOSAIC, "MOSAIC_BWD_PAIRED": not BwdConfig.paired,
+        "fused-dq": MOSAIC,  # the default (`bwd.default_config`)
+        "dq-kernel": {**MOSAIC, "MOSAIC_FUSED_DQ": False},
+        "other-order": {**MOSAIC, "MOSAIC_FUSED_DQ": False,  # (the default pairs, with 232)
+                        "MOSAIC_BWD_PAIRED": False,
                         "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier,
                         "MOSAIC_BWD_LONGEST_FIRST": not BwdConfig.longest_first,
                         "MOSAIC_BWD_REGISTERS": 240},
-        "dkdv-ring": {**MOSAIC, "MOSAIC_BWD_DKDV_STAGES": 4,
+        "dkdv-ring": {**MOSAIC, "MOSAIC_FUSED_DQ": False, "MOSAIC_BWD_DKDV_STAGES": 4,
                       "MOSAIC_BWD_DKDV_Q_ROWS": 128 if D == 64 else 64},
     }[variant]  # fmt: skip
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)
     bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S)
     gqa = group > 1
+    grads = jax.jit(lambda q, k, v: _grads(q, k, v, score_mod, bm, options, gqa))
+    if variant == "dkdv-ring" and gqa and D == 128:  # + float32 dk, dv staging: over 227 KiB
+        with pytest.raises(ValueError, match="MOSAIC_BWD_DKDV_STAGES=4: .* dkdv kernel"):
+            grads(q, k, v)
+        return
     before = dispatch.trace_count("dkdv", "MOSAIC_GPU")
-    got = jax.jit(lambda q, k, v: _grads(q, k, v, score_mod, bm, options, gqa))(q, k, v)
+    got = grads(q, k, v)
     assert dispatch.trace_count("dkdv", "MOSAIC_GPU") == before + 1
     want = _grads(q, k, v, score_mod, bm, None, gqa, reference=True)
     _check_grads(got, want, TOL[dtype])
+    if variant == "dq-kernel":  # no atomics: bitwise the same, run to run
+        for a, b in zip(got, grads(q, k, v), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     t = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, H]: the same gradients, bitwise
 
     def loss(q, k, v):

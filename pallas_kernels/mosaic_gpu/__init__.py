@@ -23,8 +23,11 @@ Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 `longest_first` ("MOSAIC_LONGEST_FIRST") and `pipelined` ("MOSAIC_PIPELINED":
 QK^T of a step issued with PV of the one before), defaults by head dim
 (`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
-`fused_dq` ("MOSAIC_FUSED_DQ", default False: True accumulates dq in the dk/dv
-kernel by TMA reduce-add where `bwd.fused_dq` allows, instead of its own kernel),
+`fused_dq` ("MOSAIC_FUSED_DQ": dq accumulated in the dk/dv kernel by TMA
+reduce-add where `bwd.fused_dq` allows, instead of its own kernel; on by
+default, measured faster, not bitwise deterministic: False, or XLA_FLAGS'
+`--xla_gpu_deterministic_ops`, keeps the dq kernel), defaults
+(`bwd.default_config`, measured),
 `stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
 ("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `dkdv_q_rows`
 ("MOSAIC_BWD_DKDV_Q_ROWS", q rows a dk/dv step: 64, or 128 at D=64),
@@ -37,6 +40,8 @@ the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +174,7 @@ class MosaicGpuBackend(dispatch.Backend):
                 f"memory with Q, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages"
             )
         try:
-            bwd = mosaic_bwd.BwdConfig(triton=triton.bwd, **values["bwd"])
+            bwd = mosaic_bwd.default_config(spec, triton=triton.bwd, **values["bwd"])
         except ValueError as e:
             given = ", ".join(f"{k}={v}" for k, v in options.items() if _OPTIONS[k][0] == "bwd")
             raise ValueError(f"kernel_options {given}: {e}") from None
@@ -198,8 +203,10 @@ class MosaicGpuBackend(dispatch.Backend):
     def candidates(self, kind, spec, mods, fixed):
         if kind == "bwd":  # the Triton fallback's space; the Mosaic fields as fixed (or defaults)
             own = {f: fixed[key] for key, (k, f) in _OPTIONS.items() if k == "bwd" and key in fixed}
+            mine = mosaic_bwd.default_config(spec, **own)  # every field, so config_from rebuilds it
+            own = {f.name: getattr(mine, f.name) for f in dataclasses.fields(mine) if f.name != "triton"}  # fmt: skip
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
-                yield {**values, **own}, mosaic_bwd.BwdConfig(**own, triton=cfg)
+                yield {**values, **own}, dataclasses.replace(mine, triton=cfg)
             return
         if kind != "fwd" or fwd_refusal(spec):  # (the forward: Triton's, for a short query)
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
@@ -251,7 +258,7 @@ class MosaicGpuBackend(dispatch.Backend):
         decode_cfg = mosaic_decode.decode_config(spec, {}, 132, None)
         refusals = {
             "fwd": fwd_refusal(spec),
-            "bwd": mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.BwdConfig()),
+            "bwd": mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.default_config(spec)),
             "decode": mosaic_decode.decode_refusal(spec, mods, decode_cfg),
         }
         return {

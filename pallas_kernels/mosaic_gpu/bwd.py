@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -53,7 +54,7 @@ from pallas_kernels.softmax import LOG2E, scaled, score_units
 from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
-__all__ = ["BWD_KV_BLOCK", "BwdConfig", "bwd_refusal", "flex_bwd"]
+__all__ = ["BWD_KV_BLOCK", "BwdConfig", "bwd_refusal", "default_config", "flex_bwd"]
 
 BWD_KV_BLOCK = 128  # the dk/dv kernel's two consumers take 64 kv rows each
 _ROWS = 64  # rows a consumer warpgroup owns (wgmma's M)
@@ -69,9 +70,9 @@ class BwdConfig:
     BlockMask block) or 128 (the whole block: twice the work per step, for the same waits
     and barriers; with 64-column heads only, where the transposed scores and dP^T of 64 x 128
     and the dk, dv accumulators fit a consumer's registers; not with fused_dq);
-    fused_dq: accumulate dq in the dk/dv kernel where it can (`fused_dq`: atomic adds, so dq is not bitwise
-    deterministic) instead of running the dq kernel; off by default: no faster on an H200
-    (bench/results/mosaic_gpu_h100_2026-11-28_summary.md); paired: the dk/dv kernel issues
+    fused_dq: accumulate dq in the dk/dv kernel where it can (`fused_dq`: TMA reduce-adds,
+    so dq is not bitwise deterministic) instead of running the dq kernel; on in
+    `default_config` (measured faster), off in a bare BwdConfig(); paired: the dk/dv kernel issues
     S^T with dP^T, then dV with dK (two waits a step) rather than S^T; dV with dP^T; dK
     (three); compiled, in FlashAttention-3's order with partial waits (P^T computed while
     dP^T runs, dK and dV accumulating in place); schedule_barrier: the two consumers take turns between their matmul groups
@@ -107,6 +108,37 @@ class BwdConfig:
                 f"{_ROWS} q rows a step; use one or the other"
             )
         ring.register_split(CONSUMERS, self.registers)
+
+
+_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
+
+
+def determinism_asked() -> bool:
+    """Whether XLA_FLAGS asks XLA for deterministic GPU ops (`--xla_gpu_deterministic_ops`
+    or `--xla_gpu_exclude_nondeterministic_ops`, =true or bare): the backward then keeps its
+    own dq kernel, as XLA keeps its own ops free of atomics."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.partition("=")
+        if name in _DETERMINISM_FLAGS and value.lower() in ("", "true", "1"):
+            return True
+    return False
+
+
+def default_config(spec: KernelSpec, **values) -> BwdConfig:
+    """BwdConfig(**values), the fields not given set as measured fastest (H200, causal,
+    S=8192, fwd+bwd; bench/results/mosaic_bwd_fused_h200_2026-11-29.md): dq accumulated in
+    the dk/dv kernel (`fused_dq`: bf16 D=128 7.67 ms against 8.14 with the dq kernel, fp16
+    D=64 20.67 against 21.61), in the paired order (fp16 D=64 20.31; with the dq kernel,
+    bf16 D=128 8.09), with 240 registers per consumer (bf16 D=128 fused, 232: 8.48 ms,
+    ptxas spilling 316 bytes; fp16 D=64 within 0.4%). The fused dq is not bitwise
+    deterministic (TMA reduce-adds in any order): `MOSAIC_FUSED_DQ=False`, or XLA_FLAGS
+    asking XLA for determinism (`determinism_asked`), keeps the dq kernel and
+    bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused product does
+    not take."""
+    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not determinism_asked()
+    fused = values.get("fused_dq", fused)
+    registers = 240 if fused else ring.CONSUMER_REGISTERS
+    return BwdConfig(**{"fused_dq": fused, "paired": True, "registers": registers, **values})
 
 
 def config_refusal(spec: KernelSpec, cfg: BwdConfig) -> str | None:
