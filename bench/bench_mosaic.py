@@ -99,10 +99,11 @@ def _jax_rows(q, k, v, do, bm, reps, n_configs):
 def _torch_rows(tq, tk, tv, tdo, reps):
     rows = []
     S = tq.shape[2]
-    sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+    gqa = {"enable_gqa": True} if tk.shape[1] != tq.shape[1] else {}  # fewer kv heads
+    sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, **gqa)
     _add(rows, ("torch SDPA", "fwd", time_loop_torch(sdpa, reps, True)))
     leaves = [x.detach().requires_grad_() for x in (tq, tk, tv)]
-    fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True).backward(tdo)
+    fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True, **gqa).backward(tdo)
     _add(rows, ("torch SDPA", "fwd+bwd", time_loop_torch(fb, reps, True, leaves)))
     t_bm = tfa.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, S, S, device="cuda")
     torch._dynamo.reset()
@@ -112,10 +113,10 @@ def _torch_rows(tq, tk, tv, tdo, reps):
         (
             "torch flex",
             "fwd",
-            time_loop_torch(lambda: flex(tq, tk, tv, block_mask=t_bm), reps, True),
+            time_loop_torch(lambda: flex(tq, tk, tv, block_mask=t_bm, **gqa), reps, True),
         ),
     )
-    fbf = lambda: flex(*leaves, block_mask=t_bm).backward(tdo)
+    fbf = lambda: flex(*leaves, block_mask=t_bm, **gqa).backward(tdo)
     _add(rows, ("torch flex", "fwd+bwd", time_loop_torch(fbf, reps, True, leaves)))
     return rows
 

@@ -30,24 +30,38 @@ from flexjax.api import prepare
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import bwd as mbwd
 
-SHAPES = {"bf16 D128": (4, 16, 8192, 128, "bfloat16"), "fp16 D64": (16, 16, 8192, 64, "float16")}
+SHAPES = {
+    "bf16 D128": (4, 16, 8192, 128, "bfloat16"),
+    "fp16 D64": (16, 16, 8192, 64, "float16"),
+    "bf16 D128 gqa4": (4, 16, 8192, 128, "bfloat16"),  # 4 query heads per kv head
+}
+KV_HEADS = {"bf16 D128 gqa4": 4}  # (the others: one kv head per query head)
 
 
 def causal_inputs(shape: str):
-    """(q, k, v, do, causal BlockMask) of a SHAPES entry, random, in [B, H, S, D]."""
+    """(q, k, v, do, causal BlockMask) of a SHAPES entry, random, in [B, H, S, D] (k and v
+    with KV_HEADS heads where given)."""
     B, H, S, D, dt = SHAPES[shape]
+    Hkv = KV_HEADS.get(shape, H)
     keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
+    q, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys[::3])
+    k, v = (jax.random.normal(kk, (B, Hkv, S, D), dt) for kk in keys[1:3])
     bm = fj.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S)
     return q, k, v, do, bm
+
+
+def attend(q, k, v, bm, options):
+    """flex_attention of the bench's inputs (grouped-query when k has fewer heads than q)."""
+    gqa = q.shape[1] != k.shape[1]
+    return fj.flex_attention(q, k, v, block_mask=bm, enable_gqa=gqa, kernel_options=options)
 
 
 def _grad_fn(bm, options, do):
     """q, k, v -> their gradients for the cotangent `do` of out (torch's `out.backward(do)`)."""
 
     def grads(q, k, v):
-        attend = lambda q, k, v: fj.flex_attention(q, k, v, block_mask=bm, kernel_options=options)
-        return jax.vjp(attend, q, k, v)[1](do)
+        f = lambda q, k, v: attend(q, k, v, bm, options)
+        return jax.vjp(f, q, k, v)[1](do)
 
     return jax.jit(grads)
 
@@ -56,11 +70,12 @@ def _kernel_fns(q, k, v, do, bm, options):
     """(dq kernel, dk/dv kernel) as jitted calls on the forward's lse and delta; (None, the
     dk/dv kernel with dq's reduce-adds and the zeroing of its accumulator) where the config
     resolves to the fused dq (`bwd.fused_dq`)."""
-    call = prepare(q, k, v, None, bm, kernel_options={**options, "BACKEND": "MOSAIC_GPU"})
+    gqa = q.shape[1] != k.shape[1]
+    call = prepare(q, k, v, None, bm, enable_gqa=gqa, kernel_options={**options, "BACKEND": "MOSAIC_GPU"})  # fmt: skip
     backend = dispatch.backends()["MOSAIC_GPU"]
     own = call.options.for_backend(backend)
     cfg = backend.configs(call.spec, call.mods, own, False).bwd
-    out, lse = fj.flex_attention(q, k, v, block_mask=bm, return_lse=True,
+    out, lse = fj.flex_attention(q, k, v, block_mask=bm, return_lse=True, enable_gqa=gqa,
                                  kernel_options={"BACKEND": "MOSAIC_GPU"})  # fmt: skip
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     kern = mbwd._Kernel(call.spec, call.mods, q.dtype)

@@ -34,8 +34,7 @@ import time
 
 import jax
 
-import flexjax as fj
-from bench.bench_mosaic_bwd import SHAPES, _grad_fn, causal_inputs
+from bench.bench_mosaic_bwd import SHAPES, _grad_fn, attend, causal_inputs
 from bench.report import write_report
 from bench.timing import time_loop_jax, time_loop_torch
 
@@ -181,7 +180,7 @@ def main(argv=None):
     libs = args.libs.split(",")
     for backend in args.backends.split(",") if "jax" in libs else ():
         options = {"BACKEND": backend}
-        fwd = jax.jit(lambda q, k, v, o=options: fj.flex_attention(q, k, v, block_mask=bm, kernel_options=o))  # fmt: skip
+        fwd = jax.jit(lambda q, k, v, o=options: attend(q, k, v, bm, o))
         grads = _grad_fn(bm, options, do)
         for kind, f in (("fwd", lambda: fwd(q, k, v)), ("fwd+bwd", lambda: grads(q, k, v))):
             jax.block_until_ready(f())
@@ -202,8 +201,9 @@ def main(argv=None):
             for x in leaves:
                 x.grad = None
 
-        sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-        fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True).backward(tdo)
+        gqa = {"enable_gqa": True} if tk.shape[1] != tq.shape[1] else {}  # fewer kv heads
+        sdpa = lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, **gqa)
+        fb = lambda: F.scaled_dot_product_attention(*leaves, is_causal=True, **gqa).backward(tdo)
         for kind, f, before in (("fwd", sdpa, None), ("fwd+bwd", fb, clear)):
             f()
             torch.cuda.synchronize()

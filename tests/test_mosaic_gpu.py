@@ -448,6 +448,26 @@ def test_gpu_kernel_lowers_for_cuda(name):
             assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_fused_backward_with_grouped_heads_lowers_for_cuda(D):
+    """The fused dq with grouped-query heads: float32 dk, dv per query head beside the dS^T
+    and dq buffers; at D=128 they share shared memory (`bwd._aliased`, a RefUnion), which is
+    what fits. The fused form is compiled on jax 0.11+ only (else the dq kernel lowers)."""
+    from pallas_kernels.mosaic_gpu.bwd import smem_by_kernel
+
+    S = 512
+    q, kv = jnp.zeros((1, 4, S, D), jnp.bfloat16), jnp.zeros((1, 2, S, D), jnp.bfloat16)
+    bm = fj.create_block_mask(_causal, 1, 1, S, S)
+    call = prepare(q, kv, kv, _alibi, bm, enable_gqa=True, kernel_options={"interpret": False})
+    cfg = BwdConfig(fused_dq=True, paired=True, registers=240)
+    assert smem_by_kernel(call.spec, cfg, fused=True)["dkdv"] <= SMEM_BYTES
+    assert fused_dq(call.spec, cfg) == (compat.JAX_VERSION >= (0, 11))
+    lse = jnp.zeros((1, 4, S), jnp.float32)
+    g = jax.jit(lambda *a: flex_bwd(*a, spec=call.spec, cfg=cfg))
+    lowered = g.trace(q, kv, kv, q, lse, lse, call.tables, call.mods)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
 DECODE_LOWER_CASES = {
     # name: (Hq, Hkv, L, D), score_mod, mask_mod, heads of the mask, config fields
     "gqa 4 packed, causal end": ((8, 2, 1, 128), None, _window_end(1024, 1, 1024), 1, {}),
@@ -615,6 +635,12 @@ def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
         assert not backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
     assert backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
+    q, kv = jnp.zeros((1, 4, 512, 128), jnp.bfloat16), jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
+    gqa = prepare(q, kv, kv, None, None, enable_gqa=True, kernel_options={"interpret": False})
+    cfg = backend.configs(gqa.spec, gqa.mods, {}, False).bwd  # not measured: the dq kernel
+    assert (cfg.fused_dq, cfg.registers) == (False, 232)
+    asked = backend.configs(gqa.spec, gqa.mods, {"MOSAIC_FUSED_DQ": True}, False).bwd
+    assert fused_dq(gqa.spec, asked) == (compat.JAX_VERSION >= (0, 11))  # it fits, aliased
     for D, call in specs.items():
         values, cfg = next(iter(backend.candidates("bwd", call.spec, call.mods, {})))
         assert cfg == dataclasses.replace(got[D], triton=cfg.triton)
@@ -731,7 +757,7 @@ def test_compiled_backward_matches_reference_on_gpu(case, variant):
     of 4, with steps of 128 q rows at D=64 (`.dkdv_stages`, `.dkdv_q_rows`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
-        "fused-dq": MOSAIC,  # the default (`bwd.default_config`)
+        "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},  # the default but for gqa at D=128
         "dq-kernel": {**MOSAIC, "MOSAIC_FUSED_DQ": False},
         "other-order": {**MOSAIC, "MOSAIC_FUSED_DQ": False,  # (the default pairs, with 232)
                         "MOSAIC_BWD_PAIRED": False,

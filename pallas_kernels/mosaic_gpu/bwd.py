@@ -126,7 +126,7 @@ def determinism_asked() -> bool:
 
 def default_config(spec: KernelSpec, **values) -> BwdConfig:
     """BwdConfig(**values), the fields not given set as measured fastest (H200, causal,
-    S=8192, fwd+bwd; bench/results/mosaic_bwd_fused_h200_2026-11-29.md): dq accumulated in
+    S=8192, fwd+bwd; bench/results/mosaic_bwd_fused_h200_2026-11-29_*.md): dq accumulated in
     the dk/dv kernel (`fused_dq`: bf16 D=128 7.67 ms against 8.14 with the dq kernel, fp16
     D=64 20.67 against 21.61), in the paired order (fp16 D=64 20.31; with the dq kernel,
     bf16 D=128 8.09), with 240 registers per consumer (bf16 D=128 fused, 232: 8.48 ms,
@@ -134,8 +134,11 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     deterministic (TMA reduce-adds in any order): `MOSAIC_FUSED_DQ=False`, or XLA_FLAGS
     asking XLA for determinism (`determinism_asked`), keeps the dq kernel and
     bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused product does
-    not take."""
+    not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
+    kernel unless MOSAIC_FUSED_DQ=True asks: there the fused form fits only by sharing its
+    buffers with the float32 dk/dv staging (`_aliased`), not yet measured on a GPU."""
     fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not determinism_asked()
+    fused = fused and not _aliased(spec)
     fused = values.get("fused_dq", fused)
     registers = 240 if fused else ring.CONSUMER_REGISTERS
     return BwdConfig(**{"fused_dq": fused, "paired": True, "registers": registers, **values})
@@ -171,13 +174,31 @@ def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dic
     tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * Rq * D * item + 2 * Rq * 4)
-    if spec.group_size > 1 or spec.kv_batch_broadcast:
-        dkdv += CONSUMERS * R * D * 4  # float32 staging of dk, dv
+    staging = CONSUMERS * R * D * 4 if _per_head(spec) else 0  # float32 staging of dk, dv
     if fused:
-        dkdv += 2 * CONSUMERS * R * Rq * item  # dS^T, two steps' buffers
-        dkdv += CONSUMERS * Rq * _dq_cols(spec) * 4  # float32 staging of dq's part
+        dq_bufs = 2 * CONSUMERS * R * Rq * item  # dS^T, two steps' buffers
+        dq_bufs += CONSUMERS * Rq * _dq_cols(spec) * 4  # float32 staging of dq's part
+        # (sharing one region when `_aliased`: 1 KiB for the union's alignment)
+        staging = max(staging, dq_bufs) + 1024 if _aliased(spec) else staging + dq_bufs
+    dkdv += staging
     extra = 2 * CONSUMERS * R * 4 + tables + 4 * 1024
     return {"dkdv": dkdv + extra} if fused else {"dq": dq + extra, "dkdv": dkdv + extra}
+
+
+def _per_head(spec: KernelSpec) -> bool:
+    """Whether the dk/dv kernel writes each query head's dk, dv in float32 (through a float32
+    staging tile) for a group (batch) sum afterwards: grouped-query heads or k/v broadcast
+    over the batch."""
+    return spec.group_size > 1 or spec.kv_batch_broadcast
+
+
+def _aliased(spec: KernelSpec) -> bool:
+    """Whether the fused dk/dv kernel's float32 dk/dv staging shares shared memory with its
+    dS^T and dq buffers (a `plgpu.RefUnion`): the staging is written only after the loop,
+    once the consumers have last met (every product that read the other's dS^T is done) and
+    each has seen its last reduce-add read its dq tile. With dq's columns split (D=128) only,
+    where that meeting exists; there it is what lets the fused form fit (64 KiB each)."""
+    return _per_head(spec) and _dq_cols(spec) != spec.E
 
 
 def _dq_cols(spec: KernelSpec) -> int:
@@ -463,7 +484,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     tile = (bkv, bq)  # transposed scores: [kv, q]
     reads = kern.reads
     halves = spec.q_block_size // bq
-    per_head = spec.group_size > 1 or spec.kv_batch_broadcast  # summed afterwards, in float32
+    per_head = _per_head(spec)  # summed afterwards, in float32
+    aliased = fused and _aliased(spec)
     out_dtype = jnp.float32 if per_head else dtype
     dq_cols = _dq_cols(spec)
     split = dq_cols != D  # each consumer: dq's column half, over both consumers' kv rows
@@ -476,6 +498,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         dk_ref, dv_ref, scratch = rest[len(consts) + fused :]
         (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, dq_s, q_stage, kv_stage, tp_s,
          tf_s, t_bar, kv_bar, bar, c_bar, sched_bar, ds_bar) = scratch  # fmt: skip
+        if aliased:  # out_s: the union of the dk/dv staging and the dS^T and dq buffers
+            out_s, (ds_s, dq_s) = out_s
         refs = kern.split(const_refs)
         h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
@@ -642,7 +666,9 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             def finish(dk, dv):
                 if fused:  # the last reduce-add has read its staging tile
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                meet.turn()  # (when they meet) the other consumer's last dq product has read our K
+                # (when they meet) the other consumer's last dq product has read our K and
+                # our dS^T, so the staging may reuse the dS^T buffers (`_aliased`)
+                meet.turn()
                 dk_out, dv_out = (ref.at[kern.at(b, h, kv_rows)] for ref in (dk_ref, dv_ref))
                 if per_head:  # one float32 staging tile, used twice
                     kern.store_tiles([(dk * spec.scale, out_s.at[wg], dk_out)])
@@ -674,9 +700,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         plgpu.SMEM((stages, bq), jnp.float32),  # lse ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         plgpu.SMEM((CONSUMERS, bkv, bq), dtype) if interpret else None,  # P, dS (interpret)
-        _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head else None,  # dk, dv f32
-        _smem((2, CONSUMERS, bkv, bq), dtype, interpret) if fused else None,  # dS^T, 2 steps
-        _smem((CONSUMERS, bq, dq_cols), jnp.float32, interpret) if fused else None,  # dq part
+        *_staging_scratch(per_head, fused, aliased, (bkv, bq, D, dq_cols), dtype, interpret),
         reads.scratch(reads.q, stages, bq),  # the q_idx slices
         reads.scratch(reads.kv, CONSUMERS, bkv),  # the kv_idx slices
         *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
@@ -694,6 +718,19 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     if per_head:  # [B, Hq, ...] -> the sum over each kv head's group (and the batch)
         dk, dv = (_group_sum(x, spec).astype(dtype) for x in (dk, dv))
     return dk, dv
+
+
+def _staging_scratch(per_head, fused, aliased, dims, dtype, interpret):
+    """The dk/dv kernel's float32 dk/dv staging (per_head), dS^T buffers of two steps and
+    float32 dq tile (fused): three scratch entries, or the union of the first with the
+    other two and two Nones (aliased: `_aliased`)."""
+    bkv, bq, D, dq_cols = dims
+    out = _smem((CONSUMERS, bkv, D), jnp.float32, interpret) if per_head else None
+    ds = _smem((2, CONSUMERS, bkv, bq), dtype, interpret) if fused else None
+    dq = _smem((CONSUMERS, bq, dq_cols), jnp.float32, interpret) if fused else None
+    if aliased:
+        return plgpu.RefUnion(out, (ds, dq)), None, None
+    return out, ds, dq
 
 
 def _reduce_add(value, staging, dst):
