@@ -155,12 +155,13 @@ def flex_attention(
     | decode | None (automatic), True, False: queries shorter than 128 rows within the BlockMask's first q block run the split-KV decode kernel when not differentiated. |
     | check_indices | True: first evaluate the mods over every (b, h, q_idx, kv_idx) under `checkify` and raise `ModIndexError` at the first out-of-range index into a captured array (`flexjax.checks`; eager calls; costs a pass over the whole score matrix). Index arithmetic that can leave an array is refused without it (`pallas_kernels.index_ranges`). |
     | autotune | True: time the backend's space of forward and backward configs for this call on first use and keep the fastest (cached on disk, `pallas_kernels.autotune`). |
+    | deterministic | True: dq, dk and dv bitwise the same run to run, on every backend (MOSAIC_GPU then runs its dq kernel rather than reduce-adding dq: `Backend.deterministic_options`). Default: True when XLA_FLAGS asks XLA for determinism (`--xla_gpu_deterministic_ops=true`), else False. Gradients of captured arrays use atomic adds either way. |
     | interpret | run the kernels in Pallas interpret mode (default: when there is no GPU). |
     | block_m, block_n, num_warps, num_stages | TRITON forward: compute tiles (powers of 2 dividing the BlockMask's block size) and launch parameters. |
     | bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages | TRITON backward (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the dq kernel uses transposed, so each must divide both block sizes). |
     | decode_block_n, decode_splits, decode_num_warps, decode_num_stages | TRITON decode kernel. |
     | MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST, MOSAIC_PIPELINED | MOSAIC_GPU forward: K/V ring depth, consumers taking turns on the tensor cores, longest BlockMask rows first, each step's QK^T issued with the previous step's PV (defaults by head dim: `pallas_kernels.mosaic_gpu.fwd.default_config`). |
-    | MOSAIC_FUSED_DQ | MOSAIC_GPU backward: True accumulates dq in the dk/dv kernel (TMA reduce-add, not bitwise deterministic) instead of its own kernel. |
+    | MOSAIC_FUSED_DQ | MOSAIC_GPU backward: accumulate dq in the dk/dv kernel (TMA reduce-add, not bitwise deterministic) instead of its own kernel; the default where measured faster (`pallas_kernels.mosaic_gpu.bwd.default_config`), False under `deterministic`. |
 
     q_sharding: inside a `jax.shard_map`, q's PartitionSpec there (over
     [B, Hq, L, E]; batch and heads may be split). The mods then see global

@@ -30,6 +30,7 @@ import abc
 import collections
 import dataclasses
 import importlib
+import os
 from typing import Any
 
 import jax
@@ -52,6 +53,7 @@ __all__ = [
     "register",
     "select_backend",
     "trace_count",
+    "xla_asks_determinism",
 ]
 
 # Queries shorter than this (and within the BlockMask's first q block) may take
@@ -59,7 +61,11 @@ __all__ = [
 DECODE_MAX_Q_LEN = 128
 
 # kernel_options keys every backend shares; the rest belong to the chosen backend.
-GENERIC_OPTION_KEYS = ("BACKEND", "autotune", "decode", "interpret")
+GENERIC_OPTION_KEYS = ("BACKEND", "autotune", "decode", "deterministic", "interpret")
+
+# XLA's own flags asking for deterministic GPU ops: with one set (=true, or bare), the
+# `deterministic` kernel option defaults to True (flexjax's kernels follow XLA's).
+_XLA_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
 
 # Backends that ship with flexjax, imported on first use; each registers itself.
 # They come first in the registry, in this order (AUTO's), whatever order they import in.
@@ -100,6 +106,11 @@ class Backend(abc.ABC):
         """Like `supports`, for AUTO: None if AUTO may choose this backend (it can run the call
         and is the better choice there), else why not. Default: `supports`."""
         return self.supports(spec, mods)
+
+    # This backend's kernel_options that make dq, dk and dv bitwise the same run to run,
+    # applied under kernel_options["deterministic"] (`KernelOptions.for_backend`); empty for
+    # a backend that always is.
+    deterministic_options: dict = {}
 
     @abc.abstractmethod
     def configs(self, spec: KernelSpec, mods: Mods, options: dict, decode: bool) -> KernelConfigs:
@@ -219,6 +230,17 @@ def default_interpret() -> bool:
     return not has_gpu()
 
 
+def xla_asks_determinism() -> bool:
+    """Whether XLA_FLAGS asks XLA for deterministic GPU ops (`--xla_gpu_deterministic_ops`
+    or `--xla_gpu_exclude_nondeterministic_ops`, =true or bare): the default of
+    kernel_options["deterministic"]."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.partition("=")
+        if name in _XLA_DETERMINISM_FLAGS and value.lower() in ("", "true", "1"):
+            return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
     """kernel_options, parsed once: the generic keys typed, the backend's kept for it."""
@@ -226,6 +248,7 @@ class KernelOptions:
     backend: str = "AUTO"
     autotune: bool = False
     decode: bool | None = None
+    deterministic: bool = False
     interpret: bool = False
     backend_options: tuple = ()  # sorted (key, value) pairs for the chosen backend
 
@@ -245,6 +268,13 @@ class KernelOptions:
             raise ValueError(
                 f"kernel_options['decode'] must be True, False or None, got {decode!r}"
             )
+        deterministic = options.pop("deterministic", None)
+        if deterministic is not None and not isinstance(deterministic, bool):
+            raise ValueError(
+                "kernel_options['deterministic'] must be True, False or None (XLA_FLAGS "
+                f"decides), got {deterministic!r}"
+            )
+        deterministic = xla_asks_determinism() if deterministic is None else deterministic
         interpret = options.pop("interpret", None)
         if interpret is not None and not isinstance(interpret, bool):
             raise ValueError(
@@ -255,12 +285,15 @@ class KernelOptions:
             backend=backend.upper(),
             autotune=autotune,
             decode=decode,
+            deterministic=deterministic,
             interpret=interpret,
             backend_options=tuple(sorted(options.items())),
         )
 
     def for_backend(self, backend: Backend) -> dict:
-        """The backend's options, after checking every key is one it (or dispatch) knows."""
+        """The backend's options, after checking every key is one it (or dispatch) knows;
+        when deterministic, with the backend's `deterministic_options` (a given option that
+        contradicts them raises)."""
         options = dict(self.backend_options)
         unknown = sorted(set(options) - set(backend.option_keys))
         if unknown:
@@ -269,6 +302,15 @@ class KernelOptions:
                 f"kernel_options has unknown keys {unknown} for the {backend.name} backend; "
                 f"known: {known}"
             )
+        if self.deterministic:
+            for key, value in backend.deterministic_options.items():
+                if options.setdefault(key, value) != value:
+                    raise ValueError(
+                        f"kernel_options {key}={options[key]!r} is not deterministic on the "
+                        f"{backend.name} backend, and kernel_options['deterministic'] (or "
+                        f"XLA_FLAGS' --xla_gpu_deterministic_ops) asks for it: give {key}="
+                        f"{value!r}, or deterministic=False"
+                    )
         return options
 
 

@@ -131,6 +131,37 @@ def test_backend_options_are_checked_against_the_chosen_backend(registry):
         fj.flex_attention(q, k, v, kernel_options={"BACKEND": 3})
 
 
+def test_deterministic_applies_each_backends_own_options(registry, monkeypatch):
+    """kernel_options["deterministic"]: a backend's `deterministic_options` are applied (a
+    given option that contradicts them raises, naming both); a backend that always is
+    deterministic gets nothing; the default follows XLA_FLAGS' determinism flags."""
+    fake = FakeBackend("FAKE")
+    fake.option_keys = (*TRITON.option_keys, "FAKE_ATOMICS")
+    fake.deterministic_options = {"FAKE_ATOMICS": False}
+    registry(fake)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    parse = dispatch.KernelOptions.parse
+    assert parse({"deterministic": True}).for_backend(fake) == {"FAKE_ATOMICS": False}
+    assert parse({"deterministic": True}).for_backend(TRITON) == {}
+    assert parse({"block_m": 32}).for_backend(fake) == {"block_m": 32}
+    kept = parse({"deterministic": True, "FAKE_ATOMICS": False}).for_backend(fake)
+    assert kept == {"FAKE_ATOMICS": False}
+    with pytest.raises(ValueError, match="FAKE_ATOMICS=True is not deterministic on the FAKE"):
+        parse({"deterministic": True, "FAKE_ATOMICS": True}).for_backend(fake)
+    with pytest.raises(ValueError, match="deterministic'\\] must be True, False or None"):
+        parse({"deterministic": "yes"})
+    assert not parse(None).deterministic
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_gpu_deterministic_ops=true")
+    assert parse(None).deterministic and not parse({"deterministic": False}).deterministic
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_exclude_nondeterministic_ops")
+    assert parse(None).deterministic
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+    assert not parse(None).deterministic
+    q, k, v = random_qkv(5, 1, 1, 32, 32, 16)  # a real call: the option reaches the backend
+    out = fj.flex_attention(q, k, v, kernel_options={"BACKEND": "FAKE", "deterministic": True})
+    np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+
+
 def test_triton_says_what_it_cannot_run(monkeypatch):
     import pallas_kernels.triton as triton_backend
 

@@ -614,7 +614,8 @@ def test_backward_ring_depths_per_kernel():
 def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
     """The measured defaults (`bwd.default_config`): dq fused into the dk/dv kernel, the
     paired order, 240 consumer registers; the dq kernel (bitwise deterministic) when the caller
-    turns the fused dq off, asks for 128-row dk/dv steps, or asks XLA for determinism; the
+    turns the fused dq off, asks for 128-row dk/dv steps, or asks for determinism
+    (kernel_options["deterministic"], or XLA_FLAGS); the
     autotuner's candidates carry every field, so a cached config rebuilds the same."""
     backend = dispatch.backends()["MOSAIC_GPU"]
     specs = {}
@@ -630,11 +631,12 @@ def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
     assert (off.bwd.fused_dq, off.bwd.registers) == (False, 232)
     rows = backend.configs(specs[64].spec, specs[64].mods, {"MOSAIC_BWD_DKDV_Q_ROWS": 128}, False)
     assert not rows.bwd.fused_dq
-    for flags in ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops"):
-        monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {flags}")
-        assert not backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
-    assert backend.configs(specs[128].spec, specs[128].mods, {}, False).bwd.fused_dq
+    for given, fused in (({"deterministic": True}, False), ({"deterministic": False}, True)):
+        options = dispatch.KernelOptions.parse(given).for_backend(backend)
+        assert backend.configs(specs[128].spec, specs[128].mods, options, False).bwd.fused_dq == fused  # fmt: skip
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    options = dispatch.KernelOptions.parse({}).for_backend(backend)
+    assert not backend.configs(specs[128].spec, specs[128].mods, options, False).bwd.fused_dq
     q, kv = jnp.zeros((1, 4, 512, 128), jnp.bfloat16), jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
     gqa = prepare(q, kv, kv, None, None, enable_gqa=True, kernel_options={"interpret": False})
     cfg = backend.configs(gqa.spec, gqa.mods, {}, False).bwd  # not measured: the dq kernel
@@ -758,7 +760,7 @@ def test_compiled_backward_matches_reference_on_gpu(case, variant):
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
         "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},  # the default but for gqa at D=128
-        "dq-kernel": {**MOSAIC, "MOSAIC_FUSED_DQ": False},
+        "dq-kernel": {**MOSAIC, "deterministic": True},  # the dq kernel (MOSAIC_FUSED_DQ=False)
         "other-order": {**MOSAIC, "MOSAIC_FUSED_DQ": False,  # (the default pairs, with 232)
                         "MOSAIC_BWD_PAIRED": False,
                         "MOSAIC_BWD_SCHEDULE_BARRIER": not BwdConfig.schedule_barrier,

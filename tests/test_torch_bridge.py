@@ -338,6 +338,28 @@ def test_in_place_changes_before_backward_are_refused():
         out.sum().backward()
 
 
+def test_torch_deterministic_mode_asks_the_kernels_for_determinism(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the call's kernel_options gain
+    "deterministic": True (what the caller says wins), and the call runs with it."""
+    seen = []
+    checked = bridge.checked_static_call
+    monkeypatch.setattr(
+        bridge, "checked_static_call", lambda *a, **kw: seen.append(a[7]) or checked(*a, **kw)
+    )
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))  # fmt: skip
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = tb.flex_attention(q, k, v)
+        tb.flex_attention(q, k, v, kernel_options={"deterministic": False})
+    finally:
+        torch.use_deterministic_algorithms(before)
+    tb.flex_attention(q, k, v, kernel_options={"block_m": 16})
+    assert [o.get("deterministic") for o in seen] == [True, False, None]
+    ref, _ = dense_torch_attention(q, k, v, None, None, 16**-0.5)
+    assert_close(out, ref, F32_TOL, "out")
+
+
 def test_non_contiguous_inputs_give_the_contiguous_result():
     gen = torch.Generator().manual_seed(8)
     base = torch.randn(1, 32, 2, 16, generator=gen)

@@ -184,10 +184,13 @@ def flex_attention(
     results (no copy). Tensors that are [B, H, L, D] views of [B, L, H, D]
     memory (`x.view(B, L, H, D).transpose(1, 2)`, as attention layers make
     them) run in that layout, without a copy; out then is such a view too.
+    Under `torch.use_deterministic_algorithms(True)` kernel_options["deterministic"]
+    defaults to True (bitwise-repeatable dq, dk, dv on every kernel backend).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    kernel_options = _with_torch_determinism(kernel_options)
     if mask_mod is None and (block_mask is None or isinstance(block_mask, BlockMask)):
         if not captured_tensors(score_mod):
             return _planned_call(
@@ -305,6 +308,16 @@ def _planned_call(query, key, value, score_mod, block_mask, scale, enable_gqa, r
 
     out, lse = _FlexAttentionFunction.apply(call, layout, query, key, value)
     return (out, lse) if return_lse else out
+
+
+def _with_torch_determinism(kernel_options):
+    """kernel_options with "deterministic": True when torch asks for deterministic algorithms
+    and the caller did not say (torch users' switch for it, as XLA_FLAGS is JAX users')."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return kernel_options
+    if isinstance(kernel_options, dict) and "deterministic" in kernel_options:
+        return kernel_options
+    return {**(kernel_options or {}), "deterministic": True}
 
 
 def _with_interpret_default(kernel_options, device: torch.device) -> dict:

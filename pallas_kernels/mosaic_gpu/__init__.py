@@ -25,8 +25,8 @@ QK^T of a step issued with PV of the one before), defaults by head dim
 (`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ": dq accumulated in the dk/dv kernel by TMA
 reduce-add where `bwd.fused_dq` allows, instead of its own kernel; on by
-default, measured faster, not bitwise deterministic: False, or XLA_FLAGS'
-`--xla_gpu_deterministic_ops`, keeps the dq kernel), defaults
+default, measured faster, not bitwise deterministic: False, or the generic
+kernel_options["deterministic"], keeps the dq kernel), defaults
 (`bwd.default_config`, measured),
 `stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
 ("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `dkdv_q_rows`
@@ -118,6 +118,7 @@ def _is_sm90() -> bool:
 class MosaicGpuBackend(dispatch.Backend):
     name = "MOSAIC_GPU"
     option_keys = tuple(_OPTIONS)
+    deterministic_options = {"MOSAIC_FUSED_DQ": False}  # the dq kernel: no reduce-adds
 
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
         if not spec.interpret and not (has_gpu() and _is_sm90()):

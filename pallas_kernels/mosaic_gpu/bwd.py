@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -110,20 +109,6 @@ class BwdConfig:
         ring.register_split(CONSUMERS, self.registers)
 
 
-_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops", "--xla_gpu_exclude_nondeterministic_ops")
-
-
-def determinism_asked() -> bool:
-    """Whether XLA_FLAGS asks XLA for deterministic GPU ops (`--xla_gpu_deterministic_ops`
-    or `--xla_gpu_exclude_nondeterministic_ops`, =true or bare): the backward then keeps its
-    own dq kernel, as XLA keeps its own ops free of atomics."""
-    for flag in os.environ.get("XLA_FLAGS", "").split():
-        name, _, value = flag.partition("=")
-        if name in _DETERMINISM_FLAGS and value.lower() in ("", "true", "1"):
-            return True
-    return False
-
-
 def default_config(spec: KernelSpec, **values) -> BwdConfig:
     """BwdConfig(**values), the fields not given set as measured fastest (H200, causal,
     S=8192, fwd+bwd; bench/results/mosaic_bwd_fused_h200_2026-11-29_*.md): dq accumulated in
@@ -131,14 +116,13 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     D=64 20.67 against 21.61), in the paired order (fp16 D=64 20.31; with the dq kernel,
     bf16 D=128 8.09), with 240 registers per consumer (bf16 D=128 fused, 232: 8.48 ms,
     ptxas spilling 316 bytes; fp16 D=64 within 0.4%). The fused dq is not bitwise
-    deterministic (TMA reduce-adds in any order): `MOSAIC_FUSED_DQ=False`, or XLA_FLAGS
-    asking XLA for determinism (`determinism_asked`), keeps the dq kernel and
-    bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused product does
-    not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
+    deterministic (TMA reduce-adds in any order): `MOSAIC_FUSED_DQ=False` (what
+    kernel_options["deterministic"] sets: the backend's `deterministic_options`) keeps the
+    dq kernel and bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused
+    product does not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
     kernel unless MOSAIC_FUSED_DQ=True asks: there the fused form fits only by sharing its
     buffers with the float32 dk/dv staging (`_aliased`), not yet measured on a GPU."""
-    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not determinism_asked()
-    fused = fused and not _aliased(spec)
+    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec)
     fused = values.get("fused_dq", fused)
     registers = 240 if fused else ring.CONSUMER_REGISTERS
     return BwdConfig(**{"fused_dq": fused, "paired": True, "registers": registers, **values})
