@@ -64,6 +64,7 @@ def _key(backend: Backend, kernel: str, spec: KernelSpec, mods: Mods, fixed: dic
     device = jax.devices()[0].device_kind if not spec.interpret else "interpret"
     programs = [getattr(p, "key", None) for p in mods.programs]
     text = f"{device}|jax {jax.__version__}|{backend.name}|{kernel}|{spec}|{programs}|"
+    text += f"{backend.config_version}|"
     text += f"{sorted(fixed.items())}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -111,6 +111,9 @@ class Backend(abc.ABC):
     # applied under kernel_options["deterministic"] (`KernelOptions.for_backend`); empty for
     # a backend that always is.
     deterministic_options: dict = {}
+    # Part of the autotune cache's key: raise it when the configs' fields or their defaults
+    # change, so that entries written before do not rebuild configs of another meaning.
+    config_version: int = 0
 
     @abc.abstractmethod
     def configs(self, spec: KernelSpec, mods: Mods, options: dict, decode: bool) -> KernelConfigs:
@@ -249,6 +252,7 @@ class KernelOptions:
     autotune: bool = False
     decode: bool | None = None
     deterministic: bool = False
+    deterministic_given: bool = False  # said in kernel_options (not XLA_FLAGS' default)
     interpret: bool = False
     backend_options: tuple = ()  # sorted (key, value) pairs for the chosen backend
 
@@ -274,6 +278,7 @@ class KernelOptions:
                 "kernel_options['deterministic'] must be True, False or None (XLA_FLAGS "
                 f"decides), got {deterministic!r}"
             )
+        given = deterministic is not None
         deterministic = xla_asks_determinism() if deterministic is None else deterministic
         interpret = options.pop("interpret", None)
         if interpret is not None and not isinstance(interpret, bool):
@@ -286,14 +291,16 @@ class KernelOptions:
             autotune=autotune,
             decode=decode,
             deterministic=deterministic,
+            deterministic_given=given,
             interpret=interpret,
             backend_options=tuple(sorted(options.items())),
         )
 
     def for_backend(self, backend: Backend) -> dict:
         """The backend's options, after checking every key is one it (or dispatch) knows;
-        when deterministic, with the backend's `deterministic_options` (a given option that
-        contradicts them raises)."""
+        when deterministic, with the backend's `deterministic_options`: an option the call
+        gives that contradicts them raises when the call asked for determinism, and wins
+        over XLA_FLAGS' process-wide default (the call's word is the more specific)."""
         options = dict(self.backend_options)
         unknown = sorted(set(options) - set(backend.option_keys))
         if unknown:
@@ -304,11 +311,12 @@ class KernelOptions:
             )
         if self.deterministic:
             for key, value in backend.deterministic_options.items():
-                if options.setdefault(key, value) != value:
+                if options.setdefault(key, value) != value and self.deterministic_given:
                     raise ValueError(
                         f"kernel_options {key}={options[key]!r} is not deterministic on the "
-                        f"{backend.name} backend, and kernel_options['deterministic'] (or "
-                        f"XLA_FLAGS' --xla_gpu_deterministic_ops) asks for it: give {key}="
+                        f"{backend.name} backend, and kernel_options['deterministic']=True "
+                        "(given, or set by torch_bridge under "
+                        f"torch.use_deterministic_algorithms) asks for it: give {key}="
                         f"{value!r}, or deterministic=False"
                     )
         return options

@@ -30,7 +30,9 @@ class FakeBackend(dispatch.Backend):
         return self.reason
 
     def configs(self, spec, mods, options, decode):
-        return TRITON.configs(spec, mods, options, decode)
+        self.options = dict(options)  # what the call's kernel_options gave this backend
+        own = {key: value for key, value in options.items() if key in TRITON.option_keys}
+        return TRITON.configs(spec, mods, own, decode)
 
     def candidates(self, kind, spec, mods, fixed):
         return TRITON.candidates(kind, spec, mods, fixed)
@@ -157,9 +159,16 @@ def test_deterministic_applies_each_backends_own_options(registry, monkeypatch):
     assert parse(None).deterministic
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
     assert not parse(None).deterministic
+    # XLA_FLAGS' default yields to an option the call gives; the call's own word does not
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    assert parse({"FAKE_ATOMICS": True}).for_backend(fake) == {"FAKE_ATOMICS": True}
+    with pytest.raises(ValueError, match="FAKE_ATOMICS=True is not deterministic"):
+        parse({"FAKE_ATOMICS": True, "deterministic": True}).for_backend(fake)
+    monkeypatch.delenv("XLA_FLAGS")
     q, k, v = random_qkv(5, 1, 1, 32, 32, 16)  # a real call: the option reaches the backend
     out = fj.flex_attention(q, k, v, kernel_options={"BACKEND": "FAKE", "deterministic": True})
     np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+    assert fake.options == {"FAKE_ATOMICS": False}
 
 
 def test_triton_says_what_it_cannot_run(monkeypatch):

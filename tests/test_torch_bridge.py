@@ -342,6 +342,7 @@ def test_torch_deterministic_mode_asks_the_kernels_for_determinism(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the call's kernel_options gain
     "deterministic": True (what the caller says wins), and the call runs with it."""
     seen = []
+    monkeypatch.setattr(bridge, "_PLANS", {})  # every structure checked anew
     checked = bridge.checked_static_call
     monkeypatch.setattr(
         bridge, "checked_static_call", lambda *a, **kw: seen.append(a[7]) or checked(*a, **kw)

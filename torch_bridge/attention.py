@@ -315,7 +315,9 @@ def _with_torch_determinism(kernel_options):
     and the caller did not say (torch users' switch for it, as XLA_FLAGS is JAX users')."""
     if not torch.are_deterministic_algorithms_enabled():
         return kernel_options
-    if isinstance(kernel_options, dict) and "deterministic" in kernel_options:
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        return kernel_options  # (the API's own check says what is wrong with it)
+    if kernel_options is not None and "deterministic" in kernel_options:
         return kernel_options
     return {**(kernel_options or {}), "deterministic": True}
 

@@ -119,6 +119,7 @@ class MosaicGpuBackend(dispatch.Backend):
     name = "MOSAIC_GPU"
     option_keys = tuple(_OPTIONS)
     deterministic_options = {"MOSAIC_FUSED_DQ": False}  # the dq kernel: no reduce-adds
+    config_version = 1  # 1: backward defaults by measurement (`bwd.default_config`)
 
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
         if not spec.interpret and not (has_gpu() and _is_sm90()):

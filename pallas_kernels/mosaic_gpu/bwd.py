@@ -123,9 +123,10 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     kernel unless MOSAIC_FUSED_DQ=True asks: there the fused form fits only by sharing its
     buffers with the float32 dk/dv staging (`_aliased`), not yet measured on a GPU."""
     fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec)
-    fused = values.get("fused_dq", fused)
-    registers = 240 if fused else ring.CONSUMER_REGISTERS
-    return BwdConfig(**{"fused_dq": fused, "paired": True, "registers": registers, **values})
+    cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
+    if "registers" not in values and fused_dq(spec, cfg):  # (what runs: 232 for two kernels)
+        cfg = dataclasses.replace(cfg, registers=240)
+    return cfg
 
 
 def config_refusal(spec: KernelSpec, cfg: BwdConfig) -> str | None:
@@ -746,7 +747,6 @@ def flex_bwd(q, k, v, do, lse, delta, tables: BlockTables, mods: Mods, *, spec: 
              cfg: BwdConfig):  # fmt: skip
     """dq, dk, dv of flex_attention (see the module docstring); q/k/v/do in spec.layout's
     order, lse and delta float32 from `vjp.preprocess` in out's row order."""
-    dispatch.kernel_traced("MOSAIC_GPU", "dq")
     dispatch.kernel_traced("MOSAIC_GPU", "dkdv")
     if spec.layout is Layout.BSHD:  # [B, L, H] -> rows contiguous for the TMA copies
         lse, delta = jnp.swapaxes(lse, 1, 2), jnp.swapaxes(delta, 1, 2)
@@ -757,6 +757,7 @@ def flex_bwd(q, k, v, do, lse, delta, tables: BlockTables, mods: Mods, *, spec: 
         dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
         dk, dv = _dkdv(*args, consts, kern=kern, cfg=cfg, dq_acc=dq_acc)
         return (dq_acc[...] * spec.scale).astype(q.dtype), dk, dv
+    dispatch.kernel_traced("MOSAIC_GPU", "dq")  # (counted only when the dq kernel runs)
     dq = _dq(*args, consts, kern=kern, cfg=cfg)
     dk, dv = _dkdv(*args, consts, kern=kern, cfg=cfg)
     return dq, dk, dv
