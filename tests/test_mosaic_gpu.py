@@ -268,6 +268,44 @@ def test_backward_in_jax_layout_and_its_races(monkeypatch, q_rows):
     _check_grads(got, want, TOL[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout):
+    """MOSAIC_BWD_GROUP_LOOP: a dk/dv CTA per kv head streaming its query heads' q blocks in
+    turn, with the race detector on: block lists that differ by head (copied [heads, len]),
+    a kv_idx read that depends on h (its slices copied anew per head), rings wrapping across
+    heads (S = 384); dk, dv written once, in the inputs' dtype."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from pallas_kernels.mosaic_gpu import bwd
+
+    monkeypatch.setattr(compat, "interpret_params", lambda _: InterpretGPUParams(detect_races=True))
+    looped = []
+    real = bwd.group_loop
+    monkeypatch.setattr(bwd, "group_loop", lambda spec, cfg: looped.append(real(spec, cfg)) or looped[-1])  # fmt: skip
+    S, D = 384, 64
+    q, k, v = random_qkv(23, 1, 4, S, S, D, Hkv=2, dtype=jnp.float16)
+    bias = jax.random.normal(jax.random.key(2), (4, S), jnp.float32)
+    score_mod = lambda s, b, h, qi, kv: s + bias[h, kv]
+    bm = fj.create_block_mask(lambda b, h, qi, kv: (qi >= kv) & ((h < 2) | (kv > 40)), 1, 4, S, S)
+    options = {**MOSAIC, "MOSAIC_BWD_GROUP_LOOP": True}
+    w = jnp.cos(jnp.arange(D, dtype=jnp.float32))
+    t = lambda x: jnp.swapaxes(x, 1, 2)
+
+    def loss(q, k, v):
+        if layout == "bshd":
+            out = t(fj.dot_product_attention(t(q), t(k), t(v), score_mod, bm, kernel_options=options))  # fmt: skip
+        else:
+            out = fj.flex_attention(q, k, v, score_mod, bm, enable_gqa=True, kernel_options=options)
+        return jnp.sum(out.astype(jnp.float32) * w)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert True in looped and not ipc.get_races().races_found
+    ref = lambda q, k, v: jnp.sum(flex_attention_reference(q, k, v, score_mod, bm, enable_gqa=True) * w)  # fmt: skip
+    want = jax.grad(ref, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    _check_grads(got, want, TOL[jnp.float16])
+
+
 def test_backward_falls_back_to_triton_where_it_cannot_run():
     """kv blocks of 64 and captured-array gradients: Triton's backward runs them (kernels()
     says so and why), with the same gradients."""
@@ -450,18 +488,21 @@ def test_gpu_kernel_lowers_for_cuda(name):
             assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("group_loop", [False, True], ids=["per-head", "group-loop"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fused_backward_with_grouped_heads_lowers_for_cuda(D):
+def test_fused_backward_with_grouped_heads_lowers_for_cuda(D, group_loop):
     """The fused dq with grouped-query heads: float32 dk, dv per query head beside the dS^T
     and dq buffers; at D=128 they share shared memory (`bwd._aliased`, a RefUnion), which is
-    what fits. The fused form is compiled on jax 0.11+ only (else the dq kernel lowers)."""
-    from pallas_kernels.mosaic_gpu.bwd import smem_by_kernel
+    what fits; with the group loop (`bwd.group_loop`) no per-head copies, so no sharing. The
+    fused form is compiled on jax 0.11+ only (else the dq kernel lowers)."""
+    from pallas_kernels.mosaic_gpu.bwd import _aliased, smem_by_kernel
 
     S = 512
     q, kv = jnp.zeros((1, 4, S, D), jnp.bfloat16), jnp.zeros((1, 2, S, D), jnp.bfloat16)
     bm = fj.create_block_mask(_causal, 1, 1, S, S)
     call = prepare(q, kv, kv, _alibi, bm, enable_gqa=True, kernel_options={"interpret": False})
-    cfg = BwdConfig(fused_dq=True, paired=True, registers=240)
+    cfg = BwdConfig(fused_dq=True, paired=True, registers=240, group_loop=group_loop)
+    assert _aliased(call.spec, cfg) == (D == 128 and not group_loop)
     assert smem_by_kernel(call.spec, cfg, fused=True)["dkdv"] <= SMEM_BYTES
     assert fused_dq(call.spec, cfg) == (compat.JAX_VERSION >= (0, 11))
     lse = jnp.zeros((1, 4, S), jnp.float32)
@@ -752,7 +793,7 @@ GPU_BWD_CASES = [
 @pytest.mark.parametrize(
     "case", GPU_BWD_CASES, ids=lambda c: f"{c[0]}-D{c[4]}-{jnp.dtype(c[5]).name}"
 )
-@pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order", "dkdv-ring"])
+@pytest.mark.parametrize("variant", ["fused-dq", "dq-kernel", "other-order", "dkdv-ring", "group-loop"])  # fmt: skip
 def test_compiled_backward_matches_reference_on_gpu(case, variant):
     """Both backwards: dq accumulated in the dk/dv kernel by TMA reduce-add (the default;
     compiled on jax 0.11+ only) and the dq kernel (MOSAIC_FUSED_DQ=False: bitwise
@@ -771,7 +812,10 @@ def test_compiled_backward_matches_reference_on_gpu(case, variant):
                         "MOSAIC_BWD_REGISTERS": 232},
         "dkdv-ring": {**MOSAIC, "MOSAIC_FUSED_DQ": False, "MOSAIC_BWD_DKDV_STAGES": 4,
                       "MOSAIC_BWD_DKDV_Q_ROWS": 128 if D == 64 else 64},
+        "group-loop": {**MOSAIC, "MOSAIC_FUSED_DQ": True, "MOSAIC_BWD_GROUP_LOOP": True},
     }[variant]  # fmt: skip
+    if variant == "group-loop" and group == 1:
+        pytest.skip("the group loop is for grouped-query heads")
     B, H, S = 2, 4, 1024
     q, k, v = random_qkv(8, B, H, S, S, D, Hkv=H // group, dtype=dtype)
     bm = None if mask_mod is None else fj.create_block_mask(mask_mod, 1, 1, S, S)

@@ -33,8 +33,9 @@ kernel_options["deterministic"], keeps the dq kernel), defaults
 ("MOSAIC_BWD_DKDV_Q_ROWS", q rows a dk/dv step: 64, or 128 at D=64),
 `paired` ("MOSAIC_BWD_PAIRED"),
 `schedule_barrier` ("MOSAIC_BWD_SCHEDULE_BARRIER"), `longest_first`
-("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows) and `registers`
-("MOSAIC_BWD_REGISTERS", per consumer thread);
+("MOSAIC_BWD_LONGEST_FIRST", the dq kernel's rows), `registers`
+("MOSAIC_BWD_REGISTERS", per consumer thread) and `group_loop`
+("MOSAIC_BWD_GROUP_LOOP": with grouped-query heads, a dk/dv CTA per kv head);
 the decode kernel's (`decode.DecodeConfig`): "MOSAIC_DECODE_SPLITS",
 "MOSAIC_DECODE_BLOCK_N", "MOSAIC_DECODE_STAGES".
 """
@@ -83,6 +84,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_BWD_SCHEDULE_BARRIER": ("bwd", "schedule_barrier"),
     "MOSAIC_BWD_LONGEST_FIRST": ("bwd", "longest_first"),
     "MOSAIC_BWD_REGISTERS": ("bwd", "registers"),
+    "MOSAIC_BWD_GROUP_LOOP": ("bwd", "group_loop"),
     "MOSAIC_DECODE_SPLITS": ("decode", "splits"),
     "MOSAIC_DECODE_BLOCK_N": ("decode", "block_n"),
     "MOSAIC_DECODE_STAGES": ("decode", "stages"),

@@ -81,7 +81,11 @@ class BwdConfig:
     fill the last wave; the dk/dv kernel's columns already run longest first there);
     registers: per consumer thread (setmaxnreg: `ring.register_split`;
     at D=128 the dk/dv kernel spills 44 bytes with 232 and 12 with 240, its fused-dq form 376
-    and 292, on an H200: 240 measured within 1% of 232); triton: the
+    and 292, on an H200: 240 measured within 1% of 232); group_loop: with grouped-query
+    heads, one dk/dv CTA per kv head (not per query head) that streams the q blocks of its
+    group's query heads one head after the other, so dk and dv are written once, in the
+    inputs' dtype (no float32 per-head copies, no group sum afterwards; `group_loop`);
+    triton: the
     Triton backward's config, for the calls this backward refuses (`bwd_refusal`)."""
 
     stages: int = 2
@@ -92,6 +96,7 @@ class BwdConfig:
     schedule_barrier: bool = False
     longest_first: bool = True
     registers: int = ring.CONSUMER_REGISTERS
+    group_loop: bool = False
     triton: Any = None
 
     def __post_init__(self):
@@ -122,7 +127,8 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     product does not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
     kernel unless MOSAIC_FUSED_DQ=True asks: there the fused form fits only by sharing its
     buffers with the float32 dk/dv staging (`_aliased`), not yet measured on a GPU."""
-    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec)
+    grouped = BwdConfig(group_loop=values.get("group_loop", False))
+    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec, grouped)
     cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
     if "registers" not in values and fused_dq(spec, cfg):  # (what runs: 232 for two kernels)
         cfg = dataclasses.replace(cfg, registers=240)
@@ -156,34 +162,41 @@ def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dic
     """{"dq": bytes, "dkdv": bytes}: the shared memory of each kernel run (no "dq" when
     fused: the dk/dv kernel then also accumulates dq)."""
     item, D, R, Rq = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS, cfg.dkdv_q_rows
-    tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
+    heads = spec.group_size if group_loop(spec, cfg) and not spec.mask_head_broadcast else 1
+    tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN) * heads
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * Rq * D * item + 2 * Rq * 4)
-    staging = CONSUMERS * R * D * 4 if _per_head(spec) else 0  # float32 staging of dk, dv
+    staging = CONSUMERS * R * D * 4 if _per_head(spec, cfg) else 0  # float32 staging of dk, dv
     if fused:
         dq_bufs = 2 * CONSUMERS * R * Rq * item  # dS^T, two steps' buffers
         dq_bufs += CONSUMERS * Rq * _dq_cols(spec) * 4  # float32 staging of dq's part
         # (sharing one region when `_aliased`: 1 KiB for the union's alignment)
-        staging = max(staging, dq_bufs) + 1024 if _aliased(spec) else staging + dq_bufs
+        staging = max(staging, dq_bufs) + 1024 if _aliased(spec, cfg) else staging + dq_bufs
     dkdv += staging
     extra = 2 * CONSUMERS * R * 4 + tables + 4 * 1024
     return {"dkdv": dkdv + extra} if fused else {"dq": dq + extra, "dkdv": dkdv + extra}
 
 
-def _per_head(spec: KernelSpec) -> bool:
+def group_loop(spec: KernelSpec, cfg: BwdConfig) -> bool:
+    """Whether the dk/dv kernel loops over the query heads of a kv head (`BwdConfig.
+    group_loop`): grouped-query heads, k and v not broadcast over the batch."""
+    return cfg.group_loop and spec.group_size > 1 and not spec.kv_batch_broadcast
+
+
+def _per_head(spec: KernelSpec, cfg: BwdConfig) -> bool:
     """Whether the dk/dv kernel writes each query head's dk, dv in float32 (through a float32
-    staging tile) for a group (batch) sum afterwards: grouped-query heads or k/v broadcast
-    over the batch."""
-    return spec.group_size > 1 or spec.kv_batch_broadcast
+    staging tile) for a group (batch) sum afterwards: grouped-query heads (unless it loops
+    over them) or k/v broadcast over the batch."""
+    return (spec.group_size > 1 and not group_loop(spec, cfg)) or spec.kv_batch_broadcast
 
 
-def _aliased(spec: KernelSpec) -> bool:
+def _aliased(spec: KernelSpec, cfg: BwdConfig) -> bool:
     """Whether the fused dk/dv kernel's float32 dk/dv staging shares shared memory with its
     dS^T and dq buffers (a `plgpu.RefUnion`): the staging is written only after the loop,
     once the consumers have last met (every product that read the other's dS^T is done) and
     each has seen its last reduce-add read its dq tile. With dq's columns split (D=128) only,
     where that meeting exists; there it is what lets the fused form fit (64 KiB each)."""
-    return _per_head(spec) and _dq_cols(spec) != spec.E
+    return _per_head(spec, cfg) and _dq_cols(spec) != spec.E
 
 
 def _dq_cols(spec: KernelSpec) -> int:
@@ -259,16 +272,20 @@ class _Kernel:
         return n_p, n_f, block
 
     def copy_lists(self, idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, blk):
+        """Copy a row's (column's) block lists; hm a head, or a pl.ds of heads (the lists
+        then [heads, len])."""
         if self.spec.has_partial:
             plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, blk], tp_s, t_bar.at[0])
         if self.spec.has_full:
             plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, blk], tf_s, t_bar.at[0])
 
-    def list_scratch(self, idx, full_idx):
+    def list_scratch(self, idx, full_idx, heads: int | None = None):
+        """The block lists' shared memory ([heads, len] when heads is given) and barrier."""
         spec = self.spec
+        lead = () if heads is None else (heads,)
         return (
-            plgpu.SMEM(idx.shape[-1:], jnp.int32) if spec.has_partial else None,
-            plgpu.SMEM(full_idx.shape[-1:], jnp.int32) if spec.has_full else None,
+            plgpu.SMEM(lead + idx.shape[-1:], jnp.int32) if spec.has_partial else None,
+            plgpu.SMEM(lead + full_idx.shape[-1:], jnp.int32) if spec.has_full else None,
             plgpu.Barrier(num_arrivals=int(spec.has_partial) + int(spec.has_full), num_barriers=1),
         )
 
@@ -331,8 +348,8 @@ def _roles(kern, lists, n, stages: int, cfg: BwdConfig, copy, consumed, consumer
     """Run the producer warpgroup and the consumers (`consumer()`).
 
     The producer copies the block lists into shared memory (lists: `_Kernel.copy_lists`'s
-    arguments), then fills a `stages`-deep ring with steps 0..n-1: copy(j, slot) once the
-    slot is released (`consumed`, by every consumer)."""
+    arguments; their barrier is the fifth), then fills a `stages`-deep ring with steps
+    0..n-1: copy(j, slot) once the slot is released (`consumed`, by every consumer)."""
 
     def producer():
         kern.copy_lists(*lists)
@@ -469,8 +486,11 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     tile = (bkv, bq)  # transposed scores: [kv, q]
     reads = kern.reads
     halves = spec.q_block_size // bq
-    per_head = _per_head(spec)  # summed afterwards, in float32
-    aliased = fused and _aliased(spec)
+    group = group_loop(spec, cfg)  # the grid's head axis: kv heads, each looping over its G
+    G = spec.group_size if group else 1
+    Gm = 1 if spec.mask_head_broadcast else G  # heads of the block lists it copies
+    per_head = _per_head(spec, cfg)  # summed afterwards, in float32
+    aliased = fused and _aliased(spec, cfg)
     out_dtype = jnp.float32 if per_head else dtype
     dq_cols = _dq_cols(spec)
     split = dq_cols != D  # each consumer: dq's column half, over both consumers' kv rows
@@ -482,26 +502,53 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         dq_ref = rest[len(consts)] if fused else None
         dk_ref, dv_ref, scratch = rest[len(consts) + fused :]
         (k_s, v_s, q_s, do_s, lse_s, delta_s, p_s, out_s, ds_s, dq_s, q_stage, kv_stage, tp_s,
-         tf_s, t_bar, kv_bar, bar, c_bar, sched_bar, ds_bar) = scratch  # fmt: skip
+         tf_s, t_bar, kv_bar, bar, c_bar, sched_bar, ds_bar, kvs_bar) = scratch  # fmt: skip
         if aliased:  # out_s: the union of the dk/dv staging and the dS^T and dq buffers
             out_s, (ds_s, dq_s) = out_s
         refs = kern.split(const_refs)
         h, c, b, bm, hm, kv_b, kv_h = kern.grid_indices()
         wg = lax.axis_index("wg")
-        n_p, n_f, block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)
-        n = (n_p + n_f) * halves  # steps of bq q rows
+        if group:  # h is a kv head; its query heads h * G + g, step ranges offs[g]..offs[g+1]
+            kv_h = h
+            hm = pl.ds(0 if spec.mask_head_broadcast else h * G, Gm)
+            counts = [_group_counts(spec, num_ref, fnum_ref, bm, h * G + g, c) for g in range(G)]  # fmt: skip
+            offs = [jnp.int32(0)]
+            for n_p_g, n_f_g in counts:
+                offs.append(offs[-1] + (n_p_g + n_f_g) * halves)
+            n = offs[-1]
+
+            def locate(j):  # (the group's query head, step within its list) of step j
+                g = sum((j >= offs[i]).astype(jnp.int32) for i in range(1, G))
+                return g, j - _pick(offs[:-1], g)
+
+            def block(g, k):  # head g's k-th block (its lists' row when they differ by head)
+                r = g if Gm > 1 else 0
+                n_p_g = _pick([p for p, _ in counts], g)
+                if spec.has_partial and spec.has_full:
+                    return jnp.where(k < n_p_g, tp_s[r, k], tf_s[r, jnp.maximum(k - n_p_g, 0)])
+                return (tp_s if spec.has_partial else tf_s)[r, k]
+        else:
+            lists = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)
+            n_p, n_f, column_block = lists
+            n = (n_p + n_f) * halves  # steps of bq q rows
+            locate = lambda j: (0, j)
+            block = lambda g, k: column_block(k)
+
+        def head(j):  # the query head of step j
+            return h * G + locate(j)[0] if group else h
 
         def q_rows(j):
-            return block(lax.div(j, halves)) * spec.q_block_size + lax.rem(j, halves) * bq
+            g, k = locate(j)
+            return block(g, lax.div(k, halves)) * spec.q_block_size + lax.rem(k, halves) * bq
 
         def copy(j, slot):  # the producer's step: Q, dO, lse, delta of step j's q rows
-            rows = pl.ds(q_rows(j), bq)
-            plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, h, rows)], q_s.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, h, rows)], do_s.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_s.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_s.at[slot], bar.at[slot])
+            rows, hj = pl.ds(q_rows(j), bq), head(j)
+            plgpu.copy_gmem_to_smem(q_ref.at[kern.at(b, hj, rows)], q_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[kern.at(b, hj, rows)], do_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, hj, rows], lse_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, hj, rows], delta_s.at[slot], bar.at[slot])
             if reads.q:  # the mods' q_idx slices ride the step's barrier
-                found = reads.starts(refs, b, h, q_rows(j), c * spec.kv_block_size)
+                found = reads.starts(refs, b, hj, q_rows(j), c * spec.kv_block_size)
                 reads.copy(reads.q, found, bq, q_stage, slot, bar.at[slot])
 
         def consumer():
@@ -510,13 +557,44 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             kw, vw = k_s.at[wg], v_s.at[wg]
             plgpu.copy_gmem_to_smem(k_ref.at[kern.at(kv_b, kv_h, kv_rows)], kw, kv_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[kern.at(kv_b, kv_h, kv_rows)], vw, kv_bar.at[wg])
-            if reads.kv:  # the mods' kv_idx slices ride K's and V's barrier
+            if reads.kv and not group:  # the mods' kv_idx slices ride K's and V's barrier
                 found = reads.starts(refs, b, h, jnp.int32(0), kv_row0)
                 reads.copy(reads.kv, found, bkv, kv_stage, wg, kv_bar.at[wg])
             plgpu.barrier_wait(t_bar.at[0])
             plgpu.barrier_wait(kv_bar.at[wg])
             ops, mods = kern.mod_tiles(const_refs, tile)
             kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
+
+            def head_slices(g):
+                """With the group loop, the kv_idx slices of query head g (they may read h):
+                copied by this consumer once it has read the last head's."""
+                plgpu.commit_smem()  # (its reads of them, before the TMA overwrites them)
+                found = reads.starts(refs, b, h * G + g, jnp.int32(0), kv_row0)
+                reads.copy(reads.kv, found, bkv, kv_stage, wg, kvs_bar.at[wg])
+                plgpu.barrier_wait(kvs_bar.at[wg])
+
+            def steps(step, carry):
+                """carry through step(j, carry, masked) over every step: the partial blocks
+                of the column, then the full ones (with the group loop, head by head)."""
+
+                def run(start, n_p, end, carry):
+                    if spec.has_partial:
+                        carry = lax.fori_loop(start, start + n_p * halves, functools.partial(step, masked=True), carry)  # fmt: skip
+                    if spec.has_full:
+                        carry = lax.fori_loop(start + n_p * halves, end, functools.partial(step, masked=False), carry)  # fmt: skip
+                    return carry
+
+                if not group:
+                    return run(0, n_p, n, carry)
+
+                def one_head(g, carry):
+                    if reads.kv:
+                        head_slices(g)
+                    n_p_g = _pick([p for p, _ in counts], g)
+                    return run(_pick(offs[:-1], g), n_p_g, _pick(offs[1:], g), carry)
+
+                return lax.fori_loop(0, G, one_head, carry)
+
             staging = p_s.at[wg] if interpret else None
             turns = ring.Turns(sched_bar, wg)  # (None when they meet: that pairs them)
             meet = ring.Turns(ds_bar, wg)  # (a rendezvous, `meet.turn()`; None unless `meets`)
@@ -527,8 +605,11 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 q_idx = ops.index(q_rows(j), 1)
                 kv_idx = ops.index(kv_row0, 0)
                 q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
-                ops.staged = reads.order(q_tiles | kv_tiles, masked)
-                st, _, pullback = mods.apply(st, b, h, q_idx, kv_idx, masked, ())
+                kv_now = kv_tiles  # (with the group loop, read anew: they change by head)
+                if group and reads.kv:
+                    kv_now = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)
+                ops.staged = reads.order(q_tiles | kv_now, masked)
+                st, _, pullback = mods.apply(st, b, head(j), q_idx, kv_idx, masked, ())
                 lse_b2 = compat.load_vector(lse_s.at[slot], compat.COL, interpret) * LOG2E
                 pt = jnp.exp2(st * kern.to_base2 - _bcast(lse_b2, tile, 1))
                 return pt, compat.without_add_any(pullback)
@@ -556,7 +637,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
 
             def dq_store(j, dq):
                 """Add this consumer's part of step j's dq into dq_acc (TMA reduce-add)."""
-                dq_out = dq_ref.at[kern.at(b, h, pl.ds(q_rows(j), bq))]
+                dq_out = dq_ref.at[kern.at(b, head(j), pl.ds(q_rows(j), bq))]
                 if split:  # this consumer's column half
                     dq_out = dq_out.at[:, pl.ds(wg * dq_cols, dq_cols)]
                 _reduce_add(dq, dq_s.at[wg], dq_out)
@@ -640,10 +721,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                     return carry
 
                 turns.start()
-                if spec.has_partial:
-                    lax.fori_loop(0, n_p * halves, functools.partial(ostep, masked=True), 0)
-                if spec.has_full:
-                    lax.fori_loop(n_p * halves, n, functools.partial(ostep, masked=False), 0)
+                steps(ostep, jnp.int32(0))
                 turns.end()
                 plgpu.wgmma_wait(0)
                 finish(dk_acc[...], dv_acc[...])
@@ -665,12 +743,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             if (meets or cfg.paired) and not interpret:
                 pl.run_state(overlapped)(tuple(plgpu.ACC.init(z) for z in zeros))
                 return
-            carry = zeros
             turns.start()
-            if spec.has_partial:
-                carry = lax.fori_loop(0, n_p * halves, functools.partial(step, masked=True), carry)
-            if spec.has_full:
-                carry = lax.fori_loop(n_p * halves, n, functools.partial(step, masked=False), carry)
+            carry = steps(step, zeros)
             turns.end()
             finish(*carry)
 
@@ -688,21 +762,42 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         *_staging_scratch(per_head, fused, aliased, (bkv, bq, D, dq_cols), dtype, interpret),
         reads.scratch(reads.q, stages, bq),  # the q_idx slices
         reads.scratch(reads.kv, CONSUMERS, bkv),  # the kv_idx slices
-        *kern.list_scratch(idx, full_idx),  # the column's block lists and their barrier
-        plgpu.Barrier(num_arrivals=2 + len(reads.kv), num_barriers=CONSUMERS),  # K, V
+        *kern.list_scratch(idx, full_idx, Gm if group else None),  # the block lists, barrier
+        plgpu.Barrier(num_arrivals=2 + len(reads.kv) * (not group), num_barriers=CONSUMERS),  # K, V
         plgpu.Barrier(num_arrivals=4 + len(reads.q), num_barriers=stages),  # Q, dO, lse, delta
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # slot consumed
         ring.Turns.scratch(cfg.schedule_barrier and not meets),  # the consumers' turns
         ring.Turns.scratch(meets),  # their meeting once both dS^T are written
+        # (group loop) the kv_idx slices of each query head
+        plgpu.Barrier(num_arrivals=len(reads.kv), num_barriers=CONSUMERS)
+        if group and reads.kv
+        else None,  # fmt: skip
     )
-    out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, spec.Hq, spec.S, D), out_dtype)
-    grid = (spec.Hq, spec.C, spec.B)
+    heads = spec.Hkv if group else spec.Hq
+    out = jax.ShapeDtypeStruct(spec.layout.shape(spec.B, heads, spec.S, D), out_dtype)
+    grid = (heads, spec.C, spec.B)
     kernel = compat.kernel(body, (out, out), scratch, grid, _GRID, CONSUMERS + 1, interpret)
     extra = (dq_acc,) if fused else ()
     dk, dv = kernel(q, k, v, do, lse, delta, num, idx, full_num, full_idx, *consts, *extra)
     if per_head:  # [B, Hq, ...] -> the sum over each kv head's group (and the batch)
         dk, dv = (_group_sum(x, spec).astype(dtype) for x in (dk, dv))
     return dk, dv
+
+
+def _group_counts(spec: KernelSpec, num_ref, fnum_ref, bm, hq, c):
+    """(partial, full) block counts of column c for query head hq (its mask's head)."""
+    hm = 0 if spec.mask_head_broadcast else hq
+    n_p = num_ref[bm, hm, c] if spec.has_partial else jnp.int32(0)
+    n_f = fnum_ref[bm, hm, c] if spec.has_full else jnp.int32(0)
+    return n_p, n_f
+
+
+def _pick(values, g):
+    """values[g] for a traced g (a short static list of scalars)."""
+    out = values[0]
+    for i in range(1, len(values)):
+        out = jnp.where(g == i, values[i], out)
+    return out
 
 
 def _staging_scratch(per_head, fused, aliased, dims, dtype, interpret):
