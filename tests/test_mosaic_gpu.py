@@ -271,7 +271,8 @@ def test_backward_in_jax_layout_and_its_races(monkeypatch, q_rows):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout):
     """MOSAIC_BWD_GROUP_LOOP: a dk/dv CTA per kv head streaming its query heads' q blocks in
-    turn, with the race detector on: block lists that differ by head (copied [heads, len]),
+    turn, with the race detector on: block lists that differ by head within a group (copied
+    [heads, len]; one head's list empty in a column),
     a kv_idx read that depends on h (its slices copied anew per head), rings wrapping across
     heads (S = 384); dk, dv written once, in the inputs' dtype."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
@@ -280,14 +281,16 @@ def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout
     from pallas_kernels.mosaic_gpu import bwd
 
     monkeypatch.setattr(compat, "interpret_params", lambda _: InterpretGPUParams(detect_races=True))
-    looped = []
-    real = bwd.group_loop
-    monkeypatch.setattr(bwd, "group_loop", lambda spec, cfg: looped.append(real(spec, cfg)) or looped[-1])  # fmt: skip
+    looped = []  # heads whose counts the group loop read (only its kernel body does)
+    real = bwd._group_counts
+    monkeypatch.setattr(bwd, "_group_counts", lambda *a: looped.append(a[4]) or real(*a))
     S, D = 384, 64
     q, k, v = random_qkv(23, 1, 4, S, S, D, Hkv=2, dtype=jnp.float16)
     bias = jax.random.normal(jax.random.key(2), (4, S), jnp.float32)
     score_mod = lambda s, b, h, qi, kv: s + bias[h, kv]
-    bm = fj.create_block_mask(lambda b, h, qi, kv: (qi >= kv) & ((h < 2) | (kv > 40)), 1, 4, S, S)
+    # heads of one group differ (odd heads drop kv <= 40); head 3 has kv block 0's column empty
+    mask_mod = lambda b, h, qi, kv: (qi >= kv) & ((h % 2 == 0) | (kv > 40)) & ((h != 3) | (kv >= 128))  # fmt: skip
+    bm = fj.create_block_mask(mask_mod, 1, 4, S, S)
     options = {**MOSAIC, "MOSAIC_BWD_GROUP_LOOP": True}
     w = jnp.cos(jnp.arange(D, dtype=jnp.float32))
     t = lambda x: jnp.swapaxes(x, 1, 2)
@@ -300,7 +303,7 @@ def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout
         return jnp.sum(out.astype(jnp.float32) * w)
 
     got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    assert True in looped and not ipc.get_races().races_found
+    assert looped and not ipc.get_races().races_found
     ref = lambda q, k, v: jnp.sum(flex_attention_reference(q, k, v, score_mod, bm, enable_gqa=True) * w)  # fmt: skip
     want = jax.grad(ref, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
     _check_grads(got, want, TOL[jnp.float16])
@@ -499,8 +502,10 @@ def test_fused_backward_with_grouped_heads_lowers_for_cuda(D, group_loop):
 
     S = 512
     q, kv = jnp.zeros((1, 4, S, D), jnp.bfloat16), jnp.zeros((1, 2, S, D), jnp.bfloat16)
-    bm = fj.create_block_mask(_causal, 1, 1, S, S)
-    call = prepare(q, kv, kv, _alibi, bm, enable_gqa=True, kernel_options={"interpret": False})
+    per_head = lambda b, h, qi, kv: (qi >= kv) & ((h % 2 == 0) | (kv > 40))  # lists by head
+    bm = fj.create_block_mask(per_head, 1, 4, S, S)
+    score_mod = _kv_bias(S, 4)  # a staged kv_idx read of bias[h, kv]: anew per head
+    call = prepare(q, kv, kv, score_mod, bm, enable_gqa=True, kernel_options={"interpret": False})
     cfg = BwdConfig(fused_dq=True, paired=True, registers=240, group_loop=group_loop)
     assert _aliased(call.spec, cfg) == (D == 128 and not group_loop)
     assert smem_by_kernel(call.spec, cfg, fused=True)["dkdv"] <= SMEM_BYTES
@@ -536,6 +541,53 @@ def test_decode_kernel_lowers_for_cuda(name):
     f = jax.jit(lambda q, k, t, m: flex_decode(q, k, k, t, m, None, spec=call.spec, cfg=cfg))
     lowered = f.trace(q, k, call.tables.rows, call.mods).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_block_lists_past_256_blocks_lower_for_cuda():
+    """A TMA copy moves at most 256 elements a dimension: the block lists of sequences past
+    256 blocks (S > 32768 with blocks of 128) are copied in pieces (`compat.copy_list`),
+    forward, backward and decode."""
+    from pallas_kernels.mosaic_gpu.bwd import default_config as bwd_config
+    from pallas_kernels.mosaic_gpu.decode import decode_config, flex_decode
+    from pallas_kernels.mosaic_gpu.fwd import default_config
+
+    S, D = 40960, 64  # 320 blocks
+    q = jnp.zeros((1, 1, S, D), jnp.bfloat16)
+    bm = fj.create_block_mask(_causal, 1, 1, S, S)
+    call = prepare(q, q, q, None, bm, kernel_options={"interpret": False})
+    cfg = default_config(call.spec)
+    f = jax.jit(lambda q, t, m: flex_fwd(q, q, q, t, m, None, spec=call.spec, cfg=cfg))
+    assert "mosaic_gpu" in f.trace(q, call.tables.rows, call.mods).lower(lowering_platforms=("cuda",)).as_text()  # fmt: skip
+    lse = jnp.zeros((1, 1, S), jnp.float32)
+    g = jax.jit(lambda *a: flex_bwd(*a, spec=call.spec, cfg=bwd_config(call.spec)))
+    lowered = g.trace(q, q, q, q, lse, lse, call.tables, call.mods)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+    q1 = jnp.zeros((1, 4, 1, D), jnp.bfloat16)
+    dec = prepare(q1, q, q, None, None, enable_gqa=True, kernel_options={"interpret": False})
+    dcfg = decode_config(dec.spec, {}, 132, None)
+    d = jax.jit(lambda q1, k, t, m: flex_decode(q1, k, k, t, m, None, spec=dec.spec, cfg=dcfg))
+    assert "mosaic_gpu" in d.trace(q1, q, dec.tables.rows, dec.mods).lower(lowering_platforms=("cuda",)).as_text()  # fmt: skip
+
+
+def test_block_lists_copied_in_pieces_in_interpret_mode(monkeypatch):
+    """`compat.copy_list` with pieces of 16 entries (the lists of 32, padded, take two
+    copies each, arrivals counted by `list_arrivals`): forward and backward as the
+    reference, race detector on."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    monkeypatch.setattr(compat, "interpret_params", lambda _: InterpretGPUParams(detect_races=True))
+    monkeypatch.setattr(compat, "LIST_CHUNK", 16)
+    S = 640  # (a shape no other test traces: the kernels' jit caches hold the old pieces)
+    q, k, v = random_qkv(31, 1, 1, S, S, 64, dtype=jnp.float16)
+    bm = fj.create_block_mask(_documents(S), 1, 1, S, S)
+    w = jnp.cos(jnp.arange(64.0))
+    loss = lambda q, k, v: jnp.sum(fj.flex_attention(q, k, v, _alibi, bm, kernel_options=MOSAIC).astype(jnp.float32) * w)  # fmt: skip
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert not ipc.get_races().races_found
+    ref = lambda q, k, v: jnp.sum(flex_attention_reference(q, k, v, _alibi, bm) * w)
+    want = jax.grad(ref, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    _check_grads(got, want, TOL[jnp.float16])
 
 
 @pytest.mark.parametrize("D, turns", [(64, True), (128, False)])

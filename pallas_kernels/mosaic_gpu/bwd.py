@@ -162,8 +162,7 @@ def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dic
     """{"dq": bytes, "dkdv": bytes}: the shared memory of each kernel run (no "dq" when
     fused: the dk/dv kernel then also accumulates dq)."""
     item, D, R, Rq = jnp.dtype(spec.dtype).itemsize, spec.E, _ROWS, cfg.dkdv_q_rows
-    heads = spec.group_size if group_loop(spec, cfg) and not spec.mask_head_broadcast else 1
-    tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN) * heads
+    tables = 2 * 4 * (max(spec.R, spec.C) + compat.TABLE_ALIGN)
     dq = 2 * CONSUMERS * R * D * item + 2 * cfg.stages * spec.kv_block_size * D * item
     dkdv = 2 * CONSUMERS * R * D * item + dkdv_ring(cfg) * (2 * Rq * D * item + 2 * Rq * 4)
     staging = CONSUMERS * R * D * 4 if _per_head(spec, cfg) else 0  # float32 staging of dk, dv
@@ -173,6 +172,8 @@ def smem_by_kernel(spec: KernelSpec, cfg: BwdConfig, fused: bool = False) -> dic
         # (sharing one region when `_aliased`: 1 KiB for the union's alignment)
         staging = max(staging, dq_bufs) + 1024 if _aliased(spec, cfg) else staging + dq_bufs
     dkdv += staging
+    if group_loop(spec, cfg) and not spec.mask_head_broadcast:  # every head's lists
+        dkdv += (spec.group_size - 1) * 2 * 4 * (spec.R + compat.TABLE_ALIGN)
     extra = 2 * CONSUMERS * R * 4 + tables + 4 * 1024
     return {"dkdv": dkdv + extra} if fused else {"dq": dq + extra, "dkdv": dkdv + extra}
 
@@ -275,9 +276,9 @@ class _Kernel:
         """Copy a row's (column's) block lists; hm a head, or a pl.ds of heads (the lists
         then [heads, len])."""
         if self.spec.has_partial:
-            plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, blk], tp_s, t_bar.at[0])
+            compat.copy_list(idx_ref.at[bm, hm, blk], tp_s, t_bar.at[0])
         if self.spec.has_full:
-            plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, blk], tf_s, t_bar.at[0])
+            compat.copy_list(fidx_ref.at[bm, hm, blk], tf_s, t_bar.at[0])
 
     def list_scratch(self, idx, full_idx, heads: int | None = None):
         """The block lists' shared memory ([heads, len] when heads is given) and barrier."""
@@ -286,7 +287,10 @@ class _Kernel:
         return (
             plgpu.SMEM(lead + idx.shape[-1:], jnp.int32) if spec.has_partial else None,
             plgpu.SMEM(lead + full_idx.shape[-1:], jnp.int32) if spec.has_full else None,
-            plgpu.Barrier(num_arrivals=int(spec.has_partial) + int(spec.has_full), num_barriers=1),
+            plgpu.Barrier(
+                num_arrivals=compat.list_arrivals(spec.has_partial, idx, spec.has_full, full_idx),
+                num_barriers=1,
+            ),
         )
 
     def mod_tiles(self, const_refs, tile):

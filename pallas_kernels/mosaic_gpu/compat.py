@@ -142,6 +142,32 @@ def matmul_acc(acc, lhs, rhs_smem, staging, interpret: bool):
 
 
 TABLE_ALIGN = 32  # int32 entries: TMA copies of a table row move whole 128-byte lines
+LIST_CHUNK = 256  # a TMA copy moves at most 256 elements along each dimension
+
+
+def list_copies(length: int) -> int:
+    """TMA copies `copy_list` issues for a block list of `length` entries (the arrivals
+    its barrier counts): one per LIST_CHUNK entries."""
+    return -(-length // LIST_CHUNK)
+
+
+def list_arrivals(partial: bool, idx, full: bool, full_idx) -> int:
+    """The block lists' barrier arrivals: `copy_list`'s copies of the lists a call has."""
+    return partial * list_copies(idx.shape[-1]) + full * list_copies(full_idx.shape[-1])
+
+
+def copy_list(src, dst, barrier) -> None:
+    """TMA-copy a BlockMask row's (column's) block list -- src a [len] or [heads, len] view
+    of a padded table, dst its shared memory -- in pieces of at most LIST_CHUNK entries along
+    len (longer lists: sequences past 256 blocks, S > 32768 with blocks of 128), each an
+    arrival on `barrier` (`list_copies`)."""
+    length = dst.shape[-1]
+    for start in range(0, length, LIST_CHUNK):
+        piece = pl.ds(start, min(LIST_CHUNK, length - start))
+        if len(dst.shape) == 1:
+            plgpu.copy_gmem_to_smem(src.at[piece], dst.at[piece], barrier)
+        else:
+            plgpu.copy_gmem_to_smem(src.at[:, piece], dst.at[:, piece], barrier)
 
 
 def padded_tables(view):

@@ -184,9 +184,9 @@ def flex_decode(
 
         def producer():
             if partial:
-                plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, 0], tp_s, t_bar.at[0])
+                compat.copy_list(idx_ref.at[bm, hm, 0], tp_s, t_bar.at[0])
             if full:
-                plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, 0], tf_s, t_bar.at[0])
+                compat.copy_list(fidx_ref.at[bm, hm, 0], tf_s, t_bar.at[0])
             plgpu.barrier_wait(t_bar.at[0])
 
             def copy(j, slot):
@@ -269,7 +269,9 @@ def flex_decode(
         plgpu.Barrier(num_arrivals=1, num_barriers=1),  # Q
         plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K (+ kv slices)
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V
-        plgpu.Barrier(num_arrivals=int(partial) + int(full), num_barriers=1),  # tables
+        plgpu.Barrier(
+            num_arrivals=compat.list_arrivals(partial, idx, full, full_idx), num_barriers=1
+        ),  # tables  # fmt: skip
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
     )
     out_type = (

@@ -169,9 +169,9 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
 
         def producer():
             if partial:
-                plgpu.copy_gmem_to_smem(idx_ref.at[bm, hm, r], tp_s, t_bar.at[0])
+                compat.copy_list(idx_ref.at[bm, hm, r], tp_s, t_bar.at[0])
             if full:
-                plgpu.copy_gmem_to_smem(fidx_ref.at[bm, hm, r], tf_s, t_bar.at[0])
+                compat.copy_list(fidx_ref.at[bm, hm, r], tf_s, t_bar.at[0])
             plgpu.barrier_wait(t_bar.at[0])
 
             def copy(ref, smem, bar, j, slot):
@@ -376,7 +376,9 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
         plgpu.Barrier(num_arrivals=1 + len(reads.q), num_barriers=CONSUMERS),  # Q (+ q slices)
         plgpu.Barrier(num_arrivals=1 + len(reads.kv), num_barriers=stages),  # K (+ kv slices)
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # V slot filled
-        plgpu.Barrier(num_arrivals=int(partial) + int(full), num_barriers=1),  # tables
+        plgpu.Barrier(
+            num_arrivals=compat.list_arrivals(partial, idx, full, full_idx), num_barriers=1
+        ),  # tables  # fmt: skip
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K slot consumed
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V slot consumed
         ring.Turns.scratch(cfg.schedule_barrier),  # the consumers' turns
