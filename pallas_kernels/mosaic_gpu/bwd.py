@@ -125,8 +125,9 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     kernel_options["deterministic"] sets: the backend's `deterministic_options`) keeps the
     dq kernel and bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused
     product does not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
-    kernel unless MOSAIC_FUSED_DQ=True asks: there the fused form fits only by sharing its
-    buffers with the float32 dk/dv staging (`_aliased`), not yet measured on a GPU."""
+    kernel unless MOSAIC_FUSED_DQ=True asks (or the group loop, which writes no float32
+    per-head staging): there the fused form fits only by sharing its buffers with that
+    staging (`_aliased`), not yet measured on a GPU."""
     grouped = BwdConfig(group_loop=values.get("group_loop", False))
     fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec, grouped)
     cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
