@@ -281,9 +281,9 @@ def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout
     from pallas_kernels.mosaic_gpu import bwd
 
     monkeypatch.setattr(compat, "interpret_params", lambda _: InterpretGPUParams(detect_races=True))
-    looped = []  # heads whose counts the group loop read (only its kernel body does)
-    real = bwd._group_counts
-    monkeypatch.setattr(bwd, "_group_counts", lambda *a: looped.append(a[4]) or real(*a))
+    looped = []  # the group loop's per-head picks (only its kernel body makes them)
+    real = bwd._pick
+    monkeypatch.setattr(bwd, "_pick", lambda *a: looped.append(len(a[0])) or real(*a))
     S, D = 384, 64
     q, k, v = random_qkv(23, 1, 4, S, S, D, Hkv=2, dtype=jnp.float16)
     bias = jax.random.normal(jax.random.key(2), (4, S), jnp.float32)

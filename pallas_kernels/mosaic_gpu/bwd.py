@@ -260,18 +260,24 @@ class _Kernel:
         kv_h = lax.div(h, jnp.int32(spec.group_size)) if spec.group_size > 1 else h
         return h, blk, b, bm, hm, kv_b, kv_h
 
+    def counts(self, num_ref, fnum_ref, bm, hm, blk):
+        """(partial count, full count) of a row's (column's) block lists."""
+        n_p = num_ref[bm, hm, blk] if self.spec.has_partial else jnp.int32(0)
+        n_f = fnum_ref[bm, hm, blk] if self.spec.has_full else jnp.int32(0)
+        return n_p, n_f
+
+    def block(self, tp_s, tf_s, n_p, j):
+        """The j-th block of the lists in shared memory (tp_s, tf_s: [len] views), the
+        partial ones first."""
+        partial, full = self.spec.has_partial, self.spec.has_full
+        if partial and full:
+            return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
+        return (tp_s if partial else tf_s)[j]
+
     def lists(self, num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, blk):
         """(partial count, full count, block(j)): the block list of a row or column."""
-        partial, full = self.spec.has_partial, self.spec.has_full
-        n_p = num_ref[bm, hm, blk] if partial else jnp.int32(0)
-        n_f = fnum_ref[bm, hm, blk] if full else jnp.int32(0)
-
-        def block(j):
-            if partial and full:
-                return jnp.where(j < n_p, tp_s[j], tf_s[jnp.maximum(j - n_p, 0)])
-            return (tp_s if partial else tf_s)[j]
-
-        return n_p, n_f, block
+        n_p, n_f = self.counts(num_ref, fnum_ref, bm, hm, blk)
+        return n_p, n_f, lambda j: self.block(tp_s, tf_s, n_p, j)
 
     def copy_lists(self, idx_ref, fidx_ref, tp_s, tf_s, t_bar, bm, hm, blk):
         """Copy a row's (column's) block lists; hm a head, or a pl.ds of heads (the lists
@@ -516,7 +522,7 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
         if group:  # h is a kv head; its query heads h * G + g, step ranges offs[g]..offs[g+1]
             kv_h = h
             hm = pl.ds(0 if spec.mask_head_broadcast else h * G, Gm)
-            counts = [_group_counts(spec, num_ref, fnum_ref, bm, h * G + g, c) for g in range(G)]  # fmt: skip
+            counts = [kern.counts(num_ref, fnum_ref, bm, 0 if Gm == 1 else h * G + g, c) for g in range(G)]  # fmt: skip
             offs = [jnp.int32(0)]
             for n_p_g, n_f_g in counts:
                 offs.append(offs[-1] + (n_p_g + n_f_g) * halves)
@@ -528,13 +534,10 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
 
             def block(g, k):  # head g's k-th block (its lists' row when they differ by head)
                 r = g if Gm > 1 else 0
-                n_p_g = _pick([p for p, _ in counts], g)
-                if spec.has_partial and spec.has_full:
-                    return jnp.where(k < n_p_g, tp_s[r, k], tf_s[r, jnp.maximum(k - n_p_g, 0)])
-                return (tp_s if spec.has_partial else tf_s)[r, k]
+                rows = [None if t is None else t.at[r] for t in (tp_s, tf_s)]
+                return kern.block(*rows, _pick([p for p, _ in counts], g), k)
         else:
-            lists = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)
-            n_p, n_f, column_block = lists
+            n_p, n_f, column_block = kern.lists(num_ref, idx_ref, fnum_ref, fidx_ref, tp_s, tf_s, bm, hm, c)  # fmt: skip
             n = (n_p + n_f) * halves  # steps of bq q rows
             locate = lambda j: (0, j)
             block = lambda g, k: column_block(k)
@@ -568,7 +571,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
             plgpu.barrier_wait(t_bar.at[0])
             plgpu.barrier_wait(kv_bar.at[wg])
             ops, mods = kern.mod_tiles(const_refs, tile)
-            kv_tiles = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)  # along rows
+            # along rows; with the group loop, read each step instead (they change by head)
+            kv_tiles = {} if group else reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)
 
             def head_slices(g):
                 """With the group loop, the kv_idx slices of query head g (they may read h):
@@ -610,8 +614,8 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
                 q_idx = ops.index(q_rows(j), 1)
                 kv_idx = ops.index(kv_row0, 0)
                 q_tiles = reads.tiles(reads.q, q_stage, slot, tile, 1, interpret)  # along columns
-                kv_now = kv_tiles  # (with the group loop, read anew: they change by head)
-                if group and reads.kv:
+                kv_now = kv_tiles
+                if group:
                     kv_now = reads.tiles(reads.kv, kv_stage, wg, tile, 0, interpret)
                 ops.staged = reads.order(q_tiles | kv_now, masked)
                 st, _, pullback = mods.apply(st, b, head(j), q_idx, kv_idx, masked, ())
@@ -787,14 +791,6 @@ def _dkdv(q, k, v, do, lse, delta, tables, consts, *, kern: _Kernel, cfg: BwdCon
     if per_head:  # [B, Hq, ...] -> the sum over each kv head's group (and the batch)
         dk, dv = (_group_sum(x, spec).astype(dtype) for x in (dk, dv))
     return dk, dv
-
-
-def _group_counts(spec: KernelSpec, num_ref, fnum_ref, bm, hq, c):
-    """(partial, full) block counts of column c for query head hq (its mask's head)."""
-    hm = 0 if spec.mask_head_broadcast else hq
-    n_p = num_ref[bm, hm, c] if spec.has_partial else jnp.int32(0)
-    n_f = fnum_ref[bm, hm, c] if spec.has_full else jnp.int32(0)
-    return n_p, n_f
 
 
 def _pick(values, g):
