@@ -161,6 +161,7 @@ def flex_attention(
     | bwd_block_m, bwd_block_n, bwd_num_warps, bwd_num_stages | TRITON backward (torch's BLOCK_M1 / BLOCK_N1: q and kv rows of the dk/dv kernel, which the dq kernel uses transposed, so each must divide both block sizes). |
     | decode_block_n, decode_splits, decode_num_warps, decode_num_stages | TRITON decode kernel. |
     | MOSAIC_STAGES, MOSAIC_SCHEDULE_BARRIER, MOSAIC_LONGEST_FIRST, MOSAIC_PIPELINED | MOSAIC_GPU forward: K/V ring depth, consumers taking turns on the tensor cores, longest BlockMask rows first, each step's QK^T issued with the previous step's PV (defaults by head dim: `pallas_kernels.mosaic_gpu.fwd.default_config`). |
+    | MOSAIC_TRITON_FWD | MOSAIC_GPU: True runs the Triton backend's forward and this backend's backward (what AUTO sets for mask_mods dividing their indices, where each measured faster: `MosaicGpuBackend.auto_options`). |
     | MOSAIC_FUSED_DQ | MOSAIC_GPU backward: accumulate dq in the dk/dv kernel (TMA reduce-add, not bitwise deterministic) instead of its own kernel; the default where measured faster (`pallas_kernels.mosaic_gpu.bwd.default_config`), False under `deterministic`. |
 
     q_sharding: inside a `jax.shard_map`, q's PartitionSpec there (over

@@ -12,8 +12,9 @@ Choice, with PyTorch's key `kernel_options["BACKEND"]`:
   * "AUTO" (the default): the first backend (built-in ones first, then in
     registration order) that knows every backend-specific kernel_options key
     given and whose `auto` accepts the call (its `supports`, unless the
-    backend is the worse choice there); if none does, an error listing every
-    backend's reason. Built-in order: Mosaic GPU (sm90, the calls it runs
+    backend is the worse choice there), with its `auto_options` (kernel
+    choices measured better for the call, which options the call gives
+    override); if none does, an error listing every backend's reason. Built-in order: Mosaic GPU (sm90, the calls it runs
     compiled), then Triton.
   * a name ("TRITON", ...): that backend, or an error with its reason. Never
     a silent fallback to another implementation.
@@ -106,6 +107,12 @@ class Backend(abc.ABC):
         """Like `supports`, for AUTO: None if AUTO may choose this backend (it can run the call
         and is the better choice there), else why not. Default: `supports`."""
         return self.supports(spec, mods)
+
+    def auto_options(self, spec: KernelSpec, mods: Mods) -> dict:
+        """kernel_options (this backend's keys) AUTO sets when it picks this backend for the
+        call, unless the call gives them: a per-kernel choice measured better for this kind of
+        call. A call that names the backend gets none of them. Default: none."""
+        return {}
 
     # This backend's kernel_options that make dq, dk and dv bitwise the same run to run,
     # applied under kernel_options["deterministic"] (`KernelOptions.for_backend`); empty for
@@ -388,6 +395,8 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
     chosen_for = dataclasses.replace(spec, global_offsets=True) if partitioned else spec
     backend = select_backend(options.backend, chosen_for, mods, given)
     backend_options = options.for_backend(backend)
+    if options.backend == "AUTO":
+        backend_options = {**backend.auto_options(chosen_for, mods), **backend_options}
     decode = uses_decode(spec, options.decode)
     if options.autotune:
         cfgs = autotune.tune(backend, spec, mods, q, k, v, tables, offsets, backend_options, decode)

@@ -171,6 +171,26 @@ def test_deterministic_applies_each_backends_own_options(registry, monkeypatch):
     assert fake.options == {"FAKE_ATOMICS": False}
 
 
+def test_auto_options_reach_the_backend_auto_picks_not_a_named_one(registry):
+    """A backend's `auto_options` (per-kernel choices measured better for a call) are set
+    when AUTO picks it; an option the call gives wins; a call naming the backend gets none."""
+    fake = FakeBackend("FAKE")
+    fake.option_keys = (*TRITON.option_keys, "FAKE_FWD")
+    fake.auto_options = lambda spec, mods: {"FAKE_FWD": "other"} if spec.E == 16 else {}
+    registry(fake)
+    q, k, v = random_qkv(6, 1, 1, 32, 32, 16)
+    out = fj.flex_attention(q, k, v)  # AUTO
+    np.testing.assert_allclose(out, flex_attention_reference(q, k, v), atol=2e-5)
+    assert fake.options == {"FAKE_FWD": "other"}
+    fj.flex_attention(q, k, v, kernel_options={"FAKE_FWD": "mine"})
+    assert fake.options == {"FAKE_FWD": "mine"}
+    fj.flex_attention(q, k, v, kernel_options={"BACKEND": "FAKE"})
+    assert fake.options == {}
+    q8, k8, v8 = (x[..., :8] for x in (q, k, v))
+    fj.flex_attention(q8, k8, v8)  # AUTO, a call its auto_options leave alone
+    assert fake.options == {}
+
+
 def test_triton_says_what_it_cannot_run(monkeypatch):
     import pallas_kernels.triton as triton_backend
 

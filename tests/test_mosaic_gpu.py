@@ -34,7 +34,7 @@ from flexjax.api import prepare
 from flexjax.reference import flex_attention_reference
 from pallas_kernels import dispatch
 from pallas_kernels.mosaic_gpu import MOSAIC_GPU, compat
-from pallas_kernels.mosaic_gpu.bwd import BwdConfig, flex_bwd, fused_dq
+from pallas_kernels.mosaic_gpu.bwd import BwdConfig, _aliased, flex_bwd, fused_dq
 from pallas_kernels.mosaic_gpu.bwd import default_config as default_bwd_config
 from pallas_kernels.mosaic_gpu.fwd import SMEM_BYTES, FwdConfig, flex_fwd
 from pallas_kernels.spec import KernelSpec, Layout
@@ -213,6 +213,29 @@ def test_backward_matches_reference_in_interpret_mode(name):
     call = prepare(q, k, v, score_mod, bm, enable_gqa=gqa, kernel_options=MOSAIC)
     assert not fused_dq(call.spec, BwdConfig(fused_dq=True))  # interpret mode: the dq kernel
     _check_grads(got, _grads(q, k, v, score_mod, bm, None, gqa, reference=True), TOL[dtype])
+
+
+def test_triton_forward_with_this_backends_backward():
+    """MOSAIC_TRITON_FWD (what AUTO sets for masks dividing their indices): Triton's forward,
+    its lse and out the residuals of this backend's backward; gradients as the reference's."""
+    (B, Hq, Hkv, S, D), dtype, score_mod, mask_mod = BWD_CASES["natten + index math"]
+    q, k, v = random_qkv(17, B, Hq, S, S, D, Hkv=Hkv, dtype=dtype)
+    bm = fj.create_block_mask(mask_mod, 1, 1, S, S)
+    options = {**MOSAIC, "MOSAIC_TRITON_FWD": True}
+    kernels = (("fwd", "TRITON"), ("fwd", "MOSAIC_GPU"), ("dkdv", "MOSAIC_GPU"))
+    before = [dispatch.trace_count(*kb) for kb in kernels]
+    got = _grads(q, k, v, score_mod, bm, options)
+    traced = [dispatch.trace_count(*kb) - n for kb, n in zip(kernels, before, strict=True)]
+    assert traced[0] > 0 and traced[1:] == [0, 1]  # (the forward traces for out and the vjp)
+    _check_grads(got, _grads(q, k, v, score_mod, bm, None, reference=True), TOL[dtype])
+    call = prepare(q, k, v, score_mod, bm, kernel_options=options)
+    cfg = MOSAIC_GPU.configs(call.spec, call.mods, {"MOSAIC_TRITON_FWD": True}, False).fwd
+    assert cfg.triton_fwd and cfg.triton is not None
+    fixed = {"MOSAIC_TRITON_FWD": True}  # the autotuner tries Triton's forward configs
+    for values, cfg in MOSAIC_GPU.candidates("fwd", call.spec, call.mods, fixed):
+        assert cfg.triton_fwd and MOSAIC_GPU.config_from("fwd", values) == cfg
+    with pytest.raises(ValueError, match="triton_fwd=True needs triton"):
+        FwdConfig(triton_fwd=True)
 
 
 BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and schedules
@@ -498,7 +521,7 @@ def test_fused_backward_with_grouped_heads_lowers_for_cuda(D, group_loop):
     and dq buffers; at D=128 they share shared memory (`bwd._aliased`, a RefUnion), which is
     what fits; with the group loop (`bwd.group_loop`) no per-head copies, so no sharing. The
     fused form is compiled on jax 0.11+ only (else the dq kernel lowers)."""
-    from pallas_kernels.mosaic_gpu.bwd import _aliased, smem_by_kernel
+    from pallas_kernels.mosaic_gpu.bwd import smem_by_kernel
 
     S = 512
     q, kv = jnp.zeros((1, 4, S, D), jnp.bfloat16), jnp.zeros((1, 2, S, D), jnp.bfloat16)
@@ -650,9 +673,14 @@ def test_says_what_it_cannot_run_and_where_auto_takes_it(monkeypatch):
     )
     assert MOSAIC_GPU.auto(compiled, docs) is None  # staged reads: measured faster
     natten = prepare(q, k, v, None, fj.create_block_mask(_natten, 1, 1, S, S)).mods
-    assert MOSAIC_GPU.supports(compiled, natten) is None  # runs when asked for
-    assert "dividing its indices" in MOSAIC_GPU.auto(compiled, natten)  # measured slower
-    assert dispatch.select_backend("AUTO", compiled, natten).name == "TRITON"
+    assert MOSAIC_GPU.supports(compiled, natten) is None
+    # dividing its indices: AUTO takes Triton's forward (measured faster) and this backward
+    assert dispatch.select_backend("AUTO", compiled, natten).name == "MOSAIC_GPU"
+    assert MOSAIC_GPU.auto_options(compiled, natten) == {"MOSAIC_TRITON_FWD": True}
+    assert MOSAIC_GPU.auto_options(compiled, docs) == {}
+    said = MOSAIC_GPU.kernels(compiled, natten, auto=True)
+    assert said["fwd"].startswith("TRITON (AUTO's choice") and said["bwd"] == "MOSAIC_GPU"
+    assert MOSAIC_GPU.kernels(compiled, natten)["fwd"] == "MOSAIC_GPU"  # named: its own
     monkeypatch.setattr(mosaic_backend, "_is_sm90", lambda: False)  # an A100
     assert dispatch.select_backend("AUTO", compiled, mods).name == "TRITON"
     monkeypatch.undo()
@@ -711,7 +739,8 @@ def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
     paired order, 240 consumer registers; the dq kernel (bitwise deterministic) when the caller
     turns the fused dq off, asks for 128-row dk/dv steps, or asks for determinism
     (kernel_options["deterministic"], or XLA_FLAGS); the
-    autotuner's candidates carry every field, so a cached config rebuilds the same."""
+    autotuner's candidates carry every field, so a cached config rebuilds the same. Grouped-query
+    heads at D=128 fuse too, aliased (`bwd._aliased`)."""
     backend = dispatch.backends()["MOSAIC_GPU"]
     specs = {}
     for D in (64, 128):
@@ -735,10 +764,10 @@ def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
     assert not backend.configs(specs[128].spec, specs[128].mods, options, False).bwd.fused_dq
     q, kv = jnp.zeros((1, 4, 512, 128), jnp.bfloat16), jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
     gqa = prepare(q, kv, kv, None, None, enable_gqa=True, kernel_options={"interpret": False})
-    cfg = backend.configs(gqa.spec, gqa.mods, {}, False).bwd  # not measured: the dq kernel
-    assert (cfg.fused_dq, cfg.registers) == (False, 232)
-    asked = backend.configs(gqa.spec, gqa.mods, {"MOSAIC_FUSED_DQ": True}, False).bwd
-    assert fused_dq(gqa.spec, asked) == (compat.JAX_VERSION >= (0, 11))  # it fits, aliased
+    cfg = backend.configs(gqa.spec, gqa.mods, {}, False).bwd  # fused, aliased (it fits)
+    runs = fused_dq(gqa.spec, cfg)
+    assert runs == (compat.JAX_VERSION >= (0, 11)) and _aliased(gqa.spec, cfg)
+    assert (cfg.fused_dq, cfg.group_loop, cfg.registers) == (True, False, 232 + 8 * runs)
     for D, call in specs.items():
         values, cfg = next(iter(backend.candidates("bwd", call.spec, call.mods, {})))
         assert cfg == dataclasses.replace(got[D], triton=cfg.triton)
@@ -931,6 +960,22 @@ def test_long_sequence_past_256_blocks_on_gpu():
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert np.isfinite(g).all(), name
         np.testing.assert_allclose(g, w, atol=2e-2 * max(1.0, np.abs(w).max()), err_msg=name)
+
+
+@pytest.mark.gpu
+def test_auto_runs_natten_forward_on_triton_and_backward_here_on_gpu():
+    """AUTO on a mask dividing its indices (natten on a 64 x 64 image): Triton's forward, this
+    backend's backward (`auto_options`), gradients as the float32 reference's."""
+    S, D = 4096, 64
+    natten = masks.generate_natten(64, 64, 7, 7)
+    q, k, v = random_qkv(43, 1, 2, S, S, D, dtype=jnp.float16)
+    bm = fj.create_block_mask(natten, 1, 1, S, S)
+    kernels = (("fwd", "TRITON"), ("fwd", "MOSAIC_GPU"), ("dkdv", "MOSAIC_GPU"))
+    before = [dispatch.trace_count(*kb) for kb in kernels]
+    got = jax.jit(lambda q, k, v: _grads(q, k, v, None, bm, {}))(q, k, v)  # AUTO
+    traced = [dispatch.trace_count(*kb) - n for kb, n in zip(kernels, before, strict=True)]
+    assert traced[0] > 0 and traced[1:] == [0, 1]
+    _check_grads(got, _grads(q, k, v, None, bm, None, reference=True), TOL[jnp.float16])
 
 
 GPU_DECODE_CASES = {

@@ -13,8 +13,10 @@ backend runs each kernel of a call, and why.
 next backend and a forced `BACKEND="MOSAIC_GPU"` raises with the reason.
 AUTO tries this backend first for compiled calls on sm90 (measured faster
 than Triton there: bench/results/mosaic_gpu_h100_2026-11-28.md), except
-where `auto` says it measured slower (mask_mods dividing their indices) or
-has not been measured (short queries); never in interpret mode, where
+where `auto` says it has not been measured (short queries); with
+mask_mods dividing their indices it runs Triton's forward and this
+backend's backward (`auto_options`, each measured the faster there, and
+`kernels(..., auto=True)` says so); never in interpret mode, where
 Triton's interpreter is many times faster (force it with
 `kernel_options={"BACKEND": "MOSAIC_GPU"}` to test it on a CPU).
 
@@ -76,6 +78,7 @@ _OPTIONS = {  # kernel_options key: (kernel, config field)
     "MOSAIC_SCHEDULE_BARRIER": ("fwd", "schedule_barrier"),
     "MOSAIC_LONGEST_FIRST": ("fwd", "longest_first"),
     "MOSAIC_PIPELINED": ("fwd", "pipelined"),
+    "MOSAIC_TRITON_FWD": ("fwd", "triton_fwd"),
     "MOSAIC_FUSED_DQ": ("bwd", "fused_dq"),
     "MOSAIC_BWD_STAGES": ("bwd", "stages"),
     "MOSAIC_BWD_DKDV_STAGES": ("bwd", "dkdv_stages"),
@@ -110,6 +113,14 @@ def _divides_indices(program) -> bool:
     return walk(program.jaxpr)
 
 
+_TRITON_FWD_WHY = (
+    "AUTO's choice for a mask_mod dividing its indices (natten, sasa): Triton's forward "
+    "measured faster there, this backend's backward too (H200: natten, fp16 D=64, forward "
+    "1.05x torch flex's time against Triton's 0.83x, backward 0.63x against 0.88x; "
+    "bench/results/seed_table_fp16_d64_h200_2026-11-29_fused_b.md)"
+)
+
+
 def _is_sm90() -> bool:
     try:
         return any(str(getattr(d, "compute_capability", "")) == "9.0" for d in jax.devices("gpu"))
@@ -121,7 +132,8 @@ class MosaicGpuBackend(dispatch.Backend):
     name = "MOSAIC_GPU"
     option_keys = tuple(_OPTIONS)
     deterministic_options = {"MOSAIC_FUSED_DQ": False}  # the dq kernel: no reduce-adds
-    config_version = 1  # 1: backward defaults by measurement (`bwd.default_config`)
+    # 1: bwd defaults measured (`bwd.default_config`); 2: gqa fused; 3: FwdConfig.triton_fwd
+    config_version = 3
 
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
         if not spec.interpret and not (has_gpu() and _is_sm90()):
@@ -152,15 +164,15 @@ class MosaicGpuBackend(dispatch.Backend):
     def auto(self, spec: KernelSpec, mods: Mods) -> str | None:
         if spec.interpret:
             return "interpret mode (the Triton kernels interpret much faster; force it by name)"
-        if _divides_indices(mods.mask):
-            return (
-                "a mask_mod dividing its indices (2-D neighbourhoods such as natten, sasa): the "
-                "Mosaic GPU forward measured 1.25-1.37x slower than Triton's there "
-                "(bench/results/seed_table_fp16_d64_h200_2026-11-29_index_vectors.md)"
-            )
         if spec.L % spec.q_block_size:
             return "short queries: the Mosaic GPU decode kernel has not been measured faster"
         return self.supports(spec, mods)
+
+    def auto_options(self, spec: KernelSpec, mods: Mods) -> dict:
+        """Under AUTO, a mask_mod dividing its indices (2-D neighbourhoods: natten, sasa)
+        takes Triton's forward and this backend's backward, each the faster there (H200, seed
+        table, `_TRITON_FWD_WHY`)."""
+        return {"MOSAIC_TRITON_FWD": True} if _divides_indices(mods.mask) else {}
 
     def configs(self, spec, mods, options, decode):
         triton = TRITON.configs(spec, mods, {}, decode)
@@ -168,9 +180,8 @@ class MosaicGpuBackend(dispatch.Backend):
         for key, value in options.items():
             kind, field = _OPTIONS[key]
             values[kind][field] = value
-        fwd = default_config(
-            spec, **values["fwd"], triton=triton.fwd if fwd_refusal(spec) else None
-        )
+        delegated = fwd_refusal(spec) is not None or values["fwd"].get("triton_fwd", False)
+        fwd = default_config(spec, **values["fwd"], triton=triton.fwd if delegated else None)
         if fwd.triton is None and smem_bytes(spec, fwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
@@ -212,9 +223,10 @@ class MosaicGpuBackend(dispatch.Backend):
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
                 yield {**values, **own}, dataclasses.replace(mine, triton=cfg)
             return
-        if kind != "fwd" or fwd_refusal(spec):  # (the forward: Triton's, for a short query)
+        # (the forward: Triton's, for a short query or when asked)
+        if kind != "fwd" or fwd_refusal(spec) or fixed.get("MOSAIC_TRITON_FWD"):
             for values, cfg in TRITON.candidates(kind, spec, mods, {}):
-                yield ({**values, "triton": True}, FwdConfig(triton=cfg)) if kind == "fwd" else (values, cfg)  # fmt: skip
+                yield ({**values, "triton": True}, FwdConfig(triton_fwd=True, triton=cfg)) if kind == "fwd" else (values, cfg)  # fmt: skip
             return
         stages = [fixed["MOSAIC_STAGES"]] if "MOSAIC_STAGES" in fixed else [2, 3, 4]
         both = lambda key: [fixed[key]] if key in fixed else [True, False]
@@ -234,11 +246,11 @@ class MosaicGpuBackend(dispatch.Backend):
             return mosaic_bwd.BwdConfig(**mine, triton=TRITON.config_from(kind, rest))
         if kind == "fwd" and values.get("triton"):
             values = {key: value for key, value in values.items() if key != "triton"}
-            return FwdConfig(triton=TRITON.config_from(kind, values))
+            return FwdConfig(triton_fwd=True, triton=TRITON.config_from(kind, values))
         return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
 
     def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):
-        if fwd_refusal(spec) is not None:
+        if fwd_refusal(spec) is not None or cfg.triton_fwd:
             return TRITON.fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg.triton)
         return flex_fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
 
@@ -257,11 +269,13 @@ class MosaicGpuBackend(dispatch.Backend):
             grad_slots=grad_slots,
         )  # fmt: skip
 
-    def kernels(self, spec: KernelSpec, mods: Mods, grad_slots=()) -> dict:
-        """Which backend runs each kernel of a call on this backend, and why not this one."""
+    def kernels(self, spec: KernelSpec, mods: Mods, grad_slots=(), auto: bool = False) -> dict:
+        """Which backend runs each kernel of a call on this backend, and why not this one;
+        auto: as AUTO runs it (with `auto_options`), not as a call naming this backend."""
         decode_cfg = mosaic_decode.decode_config(spec, {}, 132, None)
+        asked = auto and self.auto_options(spec, mods).get("MOSAIC_TRITON_FWD", False)
         refusals = {
-            "fwd": fwd_refusal(spec),
+            "fwd": fwd_refusal(spec) or (_TRITON_FWD_WHY if asked else None),
             "bwd": mosaic_bwd.bwd_refusal(spec, mods, grad_slots, mosaic_bwd.default_config(spec)),
             "decode": mosaic_decode.decode_refusal(spec, mods, decode_cfg),
         }

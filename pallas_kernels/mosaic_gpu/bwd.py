@@ -124,12 +124,11 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     deterministic (TMA reduce-adds in any order): `MOSAIC_FUSED_DQ=False` (what
     kernel_options["deterministic"] sets: the backend's `deterministic_options`) keeps the
     dq kernel and bitwise-repeatable gradients; so does `dkdv_q_rows=128`, which the fused
-    product does not take. Grouped-query heads (or k, v broadcast over the batch) at D=128 keep the dq
-    kernel unless MOSAIC_FUSED_DQ=True asks (or the group loop, which writes no float32
-    per-head staging): there the fused form fits only by sharing its buffers with that
-    staging (`_aliased`), not yet measured on a GPU."""
-    grouped = BwdConfig(group_loop=values.get("group_loop", False))
-    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not _aliased(spec, grouped)
+    product does not take. Grouped-query heads at D=128 (4 query heads a kv head) fuse too,
+    their float32 per-head dk/dv staging sharing shared memory with the dS^T and dq buffers
+    (`_aliased`): 7.52 ms against 8.01 with the dq kernel and 7.62 with the group loop
+    (which stays off; bench/results/mosaic_bwd_gqa4_h200_2026-11-29.md)."""
+    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS
     cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
     if "registers" not in values and fused_dq(spec, cfg):  # (what runs: 232 for two kernels)
         cfg = dataclasses.replace(cfg, registers=240)

@@ -75,18 +75,24 @@ class FwdConfig:
     longest rows start first, and the short ones fill the last wave); pipelined: each
     consumer issues step j's QK^T with step j-1's PV and runs the softmax of S_j while PV
     runs (compiled kernels only: the interpreter has no in-place accumulator, so interpret
-    mode runs the unpipelined order); triton: the Triton forward's config, for the calls
-    `fwd_refusal` names. The backend's defaults depend on the head dim (`default_config`)."""
+    mode runs the unpipelined order); triton_fwd: run the Triton backend's forward instead
+    (the backward stays this backend's: what AUTO asks for where Triton's forward measured
+    faster, `MosaicGpuBackend.auto_options`); triton: the Triton forward's config, for
+    triton_fwd and the calls `fwd_refusal` names. The backend's defaults depend on the head
+    dim (`default_config`)."""
 
     stages: int = 2
     schedule_barrier: bool = True
     longest_first: bool = True
     pipelined: bool = True
+    triton_fwd: bool = False
     triton: Any = None
 
     def __post_init__(self):
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be >= 2 (a ring of K/V tiles)")
+        if self.triton_fwd and self.triton is None:
+            raise ValueError("triton_fwd=True needs triton, the Triton forward's config")
 
 
 def default_config(spec: KernelSpec, **values) -> FwdConfig:
