@@ -396,7 +396,13 @@ def attention(q, k, v, tables: BlockTables, mods: Mods, spec: KernelSpec,
     backend = select_backend(options.backend, chosen_for, mods, given)
     backend_options = options.for_backend(backend)
     if options.backend == "AUTO":
-        backend_options = {**backend.auto_options(chosen_for, mods), **backend_options}
+        chosen = backend.auto_options(chosen_for, mods)
+        if not set(chosen) <= set(backend.option_keys):
+            raise ValueError(
+                f"the {backend.name} backend's auto_options gave keys it does not read: "
+                f"{sorted(set(chosen) - set(backend.option_keys))} (a bug in that backend)"
+            )
+        backend_options = {**chosen, **backend_options}
     decode = uses_decode(spec, options.decode)
     if options.autotune:
         cfgs = autotune.tune(backend, spec, mods, q, k, v, tables, offsets, backend_options, decode)

@@ -189,6 +189,11 @@ def test_auto_options_reach_the_backend_auto_picks_not_a_named_one(registry):
     q8, k8, v8 = (x[..., :8] for x in (q, k, v))
     fj.flex_attention(q8, k8, v8)  # AUTO, a call its auto_options leave alone
     assert fake.options == {}
+    fake.auto_options = lambda spec, mods: {"NOT_READ": 1}  # a backend's bug, said as such
+    with pytest.raises(
+        ValueError, match="auto_options gave keys it does not read: \\['NOT_READ'\\]"
+    ):
+        fj.flex_attention(*random_qkv(7, 1, 1, 48, 48, 16))  # (a shape not traced before)
 
 
 def test_triton_says_what_it_cannot_run(monkeypatch):

@@ -218,8 +218,8 @@ def test_backward_matches_reference_in_interpret_mode(name):
 def test_triton_forward_with_this_backends_backward():
     """MOSAIC_TRITON_FWD (what AUTO sets for masks dividing their indices): Triton's forward,
     its lse and out the residuals of this backend's backward; gradients as the reference's."""
-    (B, Hq, Hkv, S, D), dtype, score_mod, mask_mod = BWD_CASES["natten + index math"]
-    q, k, v = random_qkv(17, B, Hq, S, S, D, Hkv=Hkv, dtype=dtype)
+    (_, Hq, Hkv, S, D), dtype, score_mod, mask_mod = BWD_CASES["natten + index math"]
+    q, k, v = random_qkv(17, 2, Hq, S, S, D, Hkv=Hkv, dtype=dtype)  # (B=2: traced anew)
     bm = fj.create_block_mask(mask_mod, 1, 1, S, S)
     options = {**MOSAIC, "MOSAIC_TRITON_FWD": True}
     kernels = (("fwd", "TRITON"), ("fwd", "MOSAIC_GPU"), ("dkdv", "MOSAIC_GPU"))
@@ -232,7 +232,9 @@ def test_triton_forward_with_this_backends_backward():
     cfg = MOSAIC_GPU.configs(call.spec, call.mods, {"MOSAIC_TRITON_FWD": True}, False).fwd
     assert cfg.triton_fwd and cfg.triton is not None
     fixed = {"MOSAIC_TRITON_FWD": True}  # the autotuner tries Triton's forward configs
-    for values, cfg in MOSAIC_GPU.candidates("fwd", call.spec, call.mods, fixed):
+    space = list(MOSAIC_GPU.candidates("fwd", call.spec, call.mods, fixed))
+    assert space
+    for values, cfg in space:
         assert cfg.triton_fwd and MOSAIC_GPU.config_from("fwd", values) == cfg
     with pytest.raises(ValueError, match="triton_fwd=True needs triton"):
         FwdConfig(triton_fwd=True)
@@ -768,6 +770,12 @@ def test_backward_defaults_by_head_dim_and_determinism(monkeypatch):
     runs = fused_dq(gqa.spec, cfg)
     assert runs == (compat.JAX_VERSION >= (0, 11)) and _aliased(gqa.spec, cfg)
     assert (cfg.fused_dq, cfg.group_loop, cfg.registers) == (True, False, 232 + 8 * runs)
+    q2 = jnp.zeros((2, 2, 512, 128), jnp.bfloat16)  # k, v broadcast over the batch: not measured
+    bcast = prepare(q2, kv[:, :2], kv[:, :2], None, None, kernel_options={"interpret": False})
+    assert bcast.spec.kv_batch_broadcast
+    assert not backend.configs(bcast.spec, bcast.mods, {}, False).bwd.fused_dq
+    asked = backend.configs(bcast.spec, bcast.mods, {"MOSAIC_FUSED_DQ": True}, False).bwd
+    assert fused_dq(bcast.spec, asked) == (compat.JAX_VERSION >= (0, 11))  # it fits, aliased
     for D, call in specs.items():
         values, cfg = next(iter(backend.candidates("bwd", call.spec, call.mods, {})))
         assert cfg == dataclasses.replace(got[D], triton=cfg.triton)
@@ -884,7 +892,7 @@ def test_compiled_backward_matches_reference_on_gpu(case, variant):
     of 4, with steps of 128 q rows at D=64 (`.dkdv_stages`, `.dkdv_q_rows`)."""
     name, score_mod, mask_mod, group, D, dtype = case
     options = {
-        "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},  # the default but for gqa at D=128
+        "fused-dq": {**MOSAIC, "MOSAIC_FUSED_DQ": True},  # the default (compiled, jax 0.11+)
         "dq-kernel": {**MOSAIC, "deterministic": True},  # the dq kernel (MOSAIC_FUSED_DQ=False)
         "other-order": {**MOSAIC, "MOSAIC_FUSED_DQ": True,  # (the default pairs, with 240)
                         "MOSAIC_BWD_PAIRED": False,

@@ -22,8 +22,9 @@ Triton's interpreter is many times faster (force it with
 
 Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER"),
-`longest_first` ("MOSAIC_LONGEST_FIRST") and `pipelined` ("MOSAIC_PIPELINED":
-QK^T of a step issued with PV of the one before), defaults by head dim
+`longest_first` ("MOSAIC_LONGEST_FIRST"), `pipelined` ("MOSAIC_PIPELINED":
+QK^T of a step issued with PV of the one before) and `triton_fwd`
+("MOSAIC_TRITON_FWD": Triton's forward kernel, this backend's backward), defaults by head dim
 (`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ": dq accumulated in the dk/dv kernel by TMA
 reduce-add where `bwd.fused_dq` allows, instead of its own kernel; on by
@@ -271,7 +272,8 @@ class MosaicGpuBackend(dispatch.Backend):
 
     def kernels(self, spec: KernelSpec, mods: Mods, grad_slots=(), auto: bool = False) -> dict:
         """Which backend runs each kernel of a call on this backend, and why not this one;
-        auto: as AUTO runs it (with `auto_options`), not as a call naming this backend."""
+        auto: as it runs when AUTO picks it (with `auto_options`; whether AUTO picks it is
+        `auto`'s word), not as a call naming this backend."""
         decode_cfg = mosaic_decode.decode_config(spec, {}, 132, None)
         asked = auto and self.auto_options(spec, mods).get("MOSAIC_TRITON_FWD", False)
         refusals = {

@@ -3,8 +3,9 @@
 The math is the Triton backward's (`pallas_kernels.triton.bwd`): with p
 recomputed from the forward's lse, dv = p^T do, dp = do v^T,
 ds = p (dp - delta) pulled back through the score_mod, dq = scale ds k,
-dk = scale ds^T q. Two kernels, so every output is written by one CTA and
-the result is deterministic (no atomics), each with the forward's structure
+dk = scale ds^T q. Two kernels (every output written by one CTA: bitwise
+deterministic, no atomics), or by default one, the dk/dv kernel also adding
+dq by TMA reduce-adds (`fused_dq`), each with the forward's structure
 (`fwd`): a producer warpgroup TMA-loads the streamed tiles into a
 `stages`-deep shared-memory ring, two consumer warpgroups hold their 64 rows
 of the resident operand and run the products on wgmma, with the scores and P
@@ -127,8 +128,11 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     product does not take. Grouped-query heads at D=128 (4 query heads a kv head) fuse too,
     their float32 per-head dk/dv staging sharing shared memory with the dS^T and dq buffers
     (`_aliased`): 7.52 ms against 8.01 with the dq kernel and 7.62 with the group loop
-    (which stays off; bench/results/mosaic_bwd_gqa4_h200_2026-11-29.md)."""
-    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS
+    (which stays off; bench/results/mosaic_bwd_gqa4_h200_2026-11-29.md). k and v broadcast
+    over the batch at D=128 (the same aliasing, not measured) keep the dq kernel unless
+    MOSAIC_FUSED_DQ=True asks."""
+    broadcast_split = spec.kv_batch_broadcast and _dq_cols(spec) != spec.E
+    fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not broadcast_split
     cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
     if "registers" not in values and fused_dq(spec, cfg):  # (what runs: 232 for two kernels)
         cfg = dataclasses.replace(cfg, registers=240)
