@@ -617,14 +617,17 @@ def test_block_lists_copied_in_pieces_in_interpret_mode(monkeypatch):
 
 @pytest.mark.parametrize("D, turns", [(64, True), (128, False)])
 def test_forward_defaults_by_head_dim(D, turns):
-    """The measured defaults (`fwd.default_config`): pipelined; consumer turns at D=64 only;
-    kernel_options override each; the autotuner searches both axes unless one is fixed."""
+    """The measured defaults (`fwd.default_config`): at D=128 pipelined, a ring of 2; at D=64
+    consumer turns, a ring of 4, not pipelined; kernel_options override each; the autotuner
+    searches both axes unless one is fixed."""
     q = k = v = jnp.zeros((1, 2, 256, D), jnp.bfloat16)
     call = prepare(q, k, v, None, None, kernel_options={"interpret": False})
     configs = lambda **options: MOSAIC_GPU.configs(call.spec, call.mods, options, False).fwd
-    assert (configs().pipelined, configs().schedule_barrier) == (True, turns)
-    forced = configs(MOSAIC_PIPELINED=False, MOSAIC_SCHEDULE_BARRIER=not turns)
-    assert (forced.pipelined, forced.schedule_barrier) == (False, not turns)
+    got = configs()
+    assert (got.pipelined, got.schedule_barrier, got.stages) == (not turns, turns, 2 + 2 * turns)
+    stages = 3 if turns else 2  # (3 at D=128 would not fit)
+    forced = configs(MOSAIC_PIPELINED=turns, MOSAIC_SCHEDULE_BARRIER=not turns, MOSAIC_STAGES=stages)  # fmt: skip
+    assert (forced.pipelined, forced.schedule_barrier, forced.stages) == (turns, not turns, stages)
     space = [cfg for _, cfg in MOSAIC_GPU.candidates("fwd", call.spec, call.mods, {})]
     assert {(c.pipelined, c.schedule_barrier) for c in space} == {
         (p, b) for p in (True, False) for b in (True, False)

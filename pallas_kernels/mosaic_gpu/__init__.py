@@ -133,8 +133,9 @@ class MosaicGpuBackend(dispatch.Backend):
     name = "MOSAIC_GPU"
     option_keys = tuple(_OPTIONS)
     deterministic_options = {"MOSAIC_FUSED_DQ": False}  # the dq kernel: no reduce-adds
-    # 1: bwd defaults measured (`bwd.default_config`); 2: gqa fused; 3: FwdConfig.triton_fwd
-    config_version = 3
+    # 1: bwd defaults measured (`bwd.default_config`); 2: gqa fused; 3: FwdConfig.triton_fwd;
+    # 4: the forward at D=64 unpipelined with a ring of 4
+    config_version = 4
 
     def supports(self, spec: KernelSpec, mods: Mods) -> str | None:
         if not spec.interpret and not (has_gpu() and _is_sm90()):

@@ -97,10 +97,13 @@ class FwdConfig:
 
 def default_config(spec: KernelSpec, **values) -> FwdConfig:
     """FwdConfig(**values), the fields not given set as measured fastest for spec's head dim
-    (H200, causal, S=8192, bench/results/mosaic_gpu_h200_2026-11-29_pipelined.md): pipelined
-    throughout; consumer turns at D=64 (pipelined 5.50 ms, without turns 5.95), not at
-    D=128 (1.77 ms, with turns 1.85; unpipelined 1.89)."""
-    return FwdConfig(**{"schedule_barrier": spec.E <= 64, **values})
+    (H200, S=8192): at D=128 pipelined, without consumer turns (causal 1.77 ms; with turns
+    1.85, unpipelined 1.89: bench/results/mosaic_gpu_h200_2026-11-29_pipelined.md); at D=64
+    with consumer turns (pipelined 5.50 ms, without turns 5.95), a ring of 4, not pipelined
+    (causal 5.46-5.48 ms against 5.54-5.56 pipelined with 2, noop 10.30-10.33 against
+    10.52-10.57, three runs: bench/results/mosaic_fwd_rings_h200_2026-11-29.md)."""
+    small = spec.E <= 64
+    return FwdConfig(**{"schedule_barrier": small, "pipelined": not small, "stages": 4 if small else 2, **values})  # fmt: skip
 
 
 def fwd_refusal(spec: KernelSpec) -> str | None:
