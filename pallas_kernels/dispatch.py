@@ -14,8 +14,9 @@ Choice, with PyTorch's key `kernel_options["BACKEND"]`:
     given and whose `auto` accepts the call (its `supports`, unless the
     backend is the worse choice there), with its `auto_options` (kernel
     choices measured better for the call, which options the call gives
-    override); if none does, an error listing every backend's reason. Built-in order: Mosaic GPU (sm90, the calls it runs
-    compiled), then Triton.
+    override); if none does, an error listing every backend's reason.
+    Built-in order: Mosaic GPU (sm90, the calls it runs compiled), then
+    Triton.
   * a name ("TRITON", ...): that backend, or an error with its reason. Never
     a silent fallback to another implementation.
 

@@ -24,8 +24,8 @@ Configs (`fwd.FwdConfig`): `stages` (the K/V ring depth, kernel_options
 "MOSAIC_STAGES"), `schedule_barrier` ("MOSAIC_SCHEDULE_BARRIER"),
 `longest_first` ("MOSAIC_LONGEST_FIRST"), `pipelined` ("MOSAIC_PIPELINED":
 QK^T of a step issued with PV of the one before) and `triton_fwd`
-("MOSAIC_TRITON_FWD": Triton's forward kernel, this backend's backward), defaults by head dim
-(`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
+("MOSAIC_TRITON_FWD": Triton's forward kernel, this backend's backward),
+defaults by head dim (`fwd.default_config`, measured); the backward's (`bwd.BwdConfig`):
 `fused_dq` ("MOSAIC_FUSED_DQ": dq accumulated in the dk/dv kernel by TMA
 reduce-add where `bwd.fused_dq` allows, instead of its own kernel; on by
 default, measured faster, not bitwise deterministic: False, or the generic
