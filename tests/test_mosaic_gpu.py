@@ -240,6 +240,29 @@ def test_triton_forward_with_this_backends_backward():
         FwdConfig(triton_fwd=True)
 
 
+def test_triton_forward_with_this_backends_backward_bshd_gqa():
+    """The same in jax's [B, T, N, H] layout (`flexjax.jax_layout`, lse [B, T, N]) with two
+    query heads a kv head: Triton's out and lse feed this backend's backward as they are."""
+    from flexjax.jax_layout import dot_product_attention
+
+    S, D, dtype = 256, 64, jnp.bfloat16
+    q, k, v = random_qkv(19, 1, 2, S, S, D, Hkv=1, dtype=dtype)
+    bm = fj.create_block_mask(_natten, 1, 1, S, S)
+    w = jnp.cos(jnp.arange(D, dtype=jnp.float32))
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, S, D] <-> [B, S, H, D]
+
+    def loss(q, k, v):
+        options = {**MOSAIC, "MOSAIC_TRITON_FWD": True}
+        out, lse = dot_product_attention(t(q), t(k), t(v), _alibi, bm, return_lse=True, kernel_options=options)  # fmt: skip
+        return jnp.sum(t(out).astype(jnp.float32) * w) + 0.3 * jnp.sum(jnp.sin(t(lse)))
+
+    before = dispatch.trace_count("dkdv", "MOSAIC_GPU"), dispatch.trace_count("fwd", "MOSAIC_GPU")
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    after = dispatch.trace_count("dkdv", "MOSAIC_GPU"), dispatch.trace_count("fwd", "MOSAIC_GPU")
+    assert after == (before[0] + 1, before[1])
+    _check_grads(got, _grads(q, k, v, _alibi, bm, None, True, reference=True), TOL[dtype])
+
+
 BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and schedules
     "paired, turns, rows first to last": {"MOSAIC_BWD_PAIRED": True,
                                           "MOSAIC_BWD_SCHEDULE_BARRIER": True,
