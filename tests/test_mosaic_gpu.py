@@ -460,6 +460,9 @@ def test_short_queries_fall_back_where_the_mosaic_kernels_cannot_run():
     said = MOSAIC_GPU.kernels(call.spec, call.mods)
     assert said["decode"] == "MOSAIC_GPU" and "multiple of the q block" in said["fwd"]
     assert "multiple of the q block" in said["bwd"]
+    for asked in ({}, {"MOSAIC_TRITON_FWD": False}):  # a refused forward is Triton's regardless
+        cfg = MOSAIC_GPU.configs(call.spec, call.mods, asked, False).fwd
+        assert cfg.triton_fwd and cfg.triton is not None
     before = dispatch.trace_count("fwd", "TRITON"), dispatch.trace_count("dq", "TRITON")
     got = _grads(q, k, v, _alibi, bm, MOSAIC)
     assert (dispatch.trace_count("fwd", "TRITON"), dispatch.trace_count("dq", "TRITON")) == (

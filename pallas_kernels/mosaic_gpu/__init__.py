@@ -182,9 +182,11 @@ class MosaicGpuBackend(dispatch.Backend):
         for key, value in options.items():
             kind, field = _OPTIONS[key]
             values[kind][field] = value
-        delegated = fwd_refusal(spec) is not None or values["fwd"].get("triton_fwd", False)
-        fwd = default_config(spec, **values["fwd"], triton=triton.fwd if delegated else None)
-        if fwd.triton is None and smem_bytes(spec, fwd) > SMEM_BYTES:
+        # Triton's forward when asked or when this one refuses the call (whatever was asked)
+        if fwd_refusal(spec) is not None or values["fwd"].get("triton_fwd", False):
+            values["fwd"].update(triton_fwd=True, triton=triton.fwd)
+        fwd = default_config(spec, **values["fwd"])
+        if not fwd.triton_fwd and smem_bytes(spec, fwd) > SMEM_BYTES:
             raise ValueError(
                 f"kernel_options MOSAIC_STAGES={fwd.stages}: a K/V ring of {fwd.stages} tiles of "
                 f"{spec.kv_block_size} x {spec.E} needs {smem_bytes(spec, fwd)} bytes of shared "
@@ -252,7 +254,7 @@ class MosaicGpuBackend(dispatch.Backend):
         return FwdConfig(**values) if kind == "fwd" else TRITON.config_from(kind, values)
 
     def fwd(self, q, k, v, tables, mods, offsets, *, spec, cfg: FwdConfig):
-        if fwd_refusal(spec) is not None or cfg.triton_fwd:
+        if cfg.triton_fwd:  # (`configs` sets it where `fwd_refusal` refuses the call)
             return TRITON.fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg.triton)
         return flex_fwd(q, k, v, tables, mods, offsets, spec=spec, cfg=cfg)
 

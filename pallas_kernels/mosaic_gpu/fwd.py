@@ -76,9 +76,9 @@ class FwdConfig:
     consumer issues step j's QK^T with step j-1's PV and runs the softmax of S_j while PV
     runs (compiled kernels only: the interpreter has no in-place accumulator, so interpret
     mode runs the unpipelined order); triton_fwd: run the Triton backend's forward instead
-    (the backward stays this backend's: what AUTO asks for where Triton's forward measured
-    faster, `MosaicGpuBackend.auto_options`); triton: the Triton forward's config, for
-    triton_fwd and the calls `fwd_refusal` names. The backend's defaults depend on the head
+    (the backward stays this backend's): asked for (AUTO does where Triton's forward
+    measured faster, `MosaicGpuBackend.auto_options`) or set for the calls `fwd_refusal`
+    names; triton: the Triton forward's config, for triton_fwd. The backend's defaults depend on the head
     dim (`default_config`)."""
 
     stages: int = 2
@@ -103,7 +103,8 @@ def default_config(spec: KernelSpec, **values) -> FwdConfig:
     (causal 5.46-5.48 ms against 5.54-5.56 pipelined with 2, noop 10.30-10.33 against
     10.52-10.57, three runs: bench/results/mosaic_fwd_rings_h200_2026-11-29.md)."""
     small = spec.E <= 64
-    return FwdConfig(**{"schedule_barrier": small, "pipelined": not small, "stages": 4 if small else 2, **values})  # fmt: skip
+    measured = {"schedule_barrier": small, "pipelined": not small, "stages": 4 if small else 2}
+    return FwdConfig(**{**measured, **values})
 
 
 def fwd_refusal(spec: KernelSpec) -> str | None:
