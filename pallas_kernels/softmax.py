@@ -16,7 +16,18 @@ import math
 
 import jax.numpy as jnp
 
-__all__ = ["LOG2E", "MASKED_SCORE", "combine", "finish", "scaled", "score_units"]
+from pallas_kernels.mod_scaling import scales_with_score
+from pallas_kernels.mod_trace import ModProgram
+
+__all__ = [
+    "LOG2E",
+    "MASKED_SCORE",
+    "combine",
+    "finish",
+    "forward_score_units",
+    "scaled",
+    "score_units",
+]
 
 LOG2E = math.log2(math.e)
 
@@ -28,7 +39,8 @@ MASKED_SCORE = float("-inf")
 def score_units(scale: float, has_score_mod: bool) -> tuple[float, float]:
     """(pre, to_base2): kernels compute s = (q k^T) * pre, mod it, then exponentiate s * to_base2.
 
-    With a score_mod the mod must see the natural score, so pre = scale and
+    has_score_mod: the mod must see natural scores (forwards ask `forward_score_units`,
+    which says False for a mod that scales with the score). Then pre = scale and
     to_base2 = log2(e). Without one (and a positive scale, so the row max
     commutes with scaling), both constants fold into one multiply applied
     inside exp2's argument: pre = 1 and to_base2 = scale * log2(e). Then
@@ -39,6 +51,15 @@ def score_units(scale: float, has_score_mod: bool) -> tuple[float, float]:
     if not has_score_mod and scale > 0:
         return 1.0, scale * LOG2E
     return scale, LOG2E
+
+
+def forward_score_units(scale: float, score_program: ModProgram | None) -> tuple[float, float]:
+    """`score_units` for a forward kernel (and decode): a score_mod that scales with the score,
+    f(c s) = c f(s) (`mod_scaling`: noop, causal_bias, checkerboard, ...), is applied to the raw
+    score, scale folded into exp2 as without a score_mod: one multiply per score less. (The
+    backward keeps natural scores: its captured-array gradients need them.)"""
+    natural = score_program is not None and not scales_with_score(score_program)
+    return score_units(scale, natural)
 
 
 def scaled(s, pre: float):

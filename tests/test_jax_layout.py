@@ -108,12 +108,26 @@ def test_bad_shapes_are_refused_in_its_own_terms():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_bshd_equals_bhsd_on_gpu(dtype):
-    """The BSHD BlockSpecs compiled by Triton: the same numbers as BHSD, forward and backward."""
+    """The BSHD BlockSpecs compiled by Triton: the same numbers as BHSD, forward and backward.
+
+    bfloat16 agrees bit for bit. float32 does not (H200, 2026-11-29: a quarter of the outputs
+    differ, by at most 4.8e-7 on values near 0.1), as when Triton's float32 dot sums in another
+    order for the other layout's strides; it agrees to float32 rounding, which a wrong row or
+    head would not.
+    """
+
+    def same(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
     q, k, v = (x.astype(dtype) for x in bshd(5, 2, 2, 1000, 1100, 8, 2, 128, 128))
     bm = fj.create_block_mask(lambda b, h, qi, ki: ki <= qi + 100, 1, 1, 1000, 1100)
     out = fj.dot_product_attention(q, k, v, block_mask=bm)
     want = fj.flex_attention(*map(to_bhsd, (q, k, v)), block_mask=bm, enable_gqa=True)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(to_bhsd(want)))
+    same(out, to_bhsd(want))
     loss = lambda f: jax.grad(
         lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)
     )
@@ -124,4 +138,4 @@ def test_bshd_equals_bhsd_on_gpu(dtype):
         )
     )(q, k, v)
     for g, w in zip(ours, theirs, strict=True):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        same(g, w)

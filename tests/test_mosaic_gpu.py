@@ -55,6 +55,11 @@ def _alibi(score, b, h, q, kv):
     return score - (h + 1) * 0.05 * jnp.abs(q - kv)
 
 
+def _halved_odd(score, b, h, q, kv):
+    """Scales with the score (f(c s) = c f(s)): forwards apply it to raw scores (mod_scaling)."""
+    return jnp.where((q - kv) % 2 == 1, score * 0.5, score)
+
+
 def _softcap(score, b, h, q, kv):
     return 20.0 * jnp.tanh(score / 20.0)
 
@@ -100,6 +105,7 @@ CASES = {
     "alibi causal gqa": ((2, 4, 2, 256, 64), jnp.bfloat16, _alibi, _causal, 128),
     "softcap window D128": ((1, 1, 1, 384, 128), jnp.float16, _softcap, _window, (128, 64)),
     "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start, 128),
+    "halved odd causal gqa": ((1, 4, 2, 256, 64), jnp.float16, _halved_odd, _causal, 128),
     "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten, 128),
     "documents + kv bias (staged)": (
         (1, 2, 2, 256, 64),
@@ -407,8 +413,8 @@ DECODE_CASES = {
         (1, 2, 2, 1, 512, 64), jnp.bfloat16, _kv_bias(512, 2), (_head_prefix, 2),
         {"MOSAIC_DECODE_SPLITS": 2, "MOSAIC_DECODE_BLOCK_N": 128, "MOSAIC_DECODE_STAGES": 2},
     ),
-    "dense D128, one split": (
-        (1, 2, 1, 1, 384, 128), jnp.bfloat16, None, (None, 1), {"MOSAIC_DECODE_SPLITS": 1},
+    "halved odd, no mask, D128, one split": (
+        (1, 2, 1, 1, 384, 128), jnp.bfloat16, _halved_odd, (None, 1), {"MOSAIC_DECODE_SPLITS": 1},
     ),
 }  # fmt: skip
 
@@ -837,6 +843,7 @@ GPU_CASES = [
     ("causal", None, _causal, 128, 128, jnp.bfloat16),
     ("alibi window", _alibi, _window, (128, 64), 128, jnp.bfloat16),
     ("softcap dense", _softcap, None, 128, 64, jnp.float16),
+    ("halved odd causal", _halved_odd, _causal, 128, 128, jnp.bfloat16),
     ("empty rows", None, _late_start, 128, 128, jnp.float16),
     ("documents kv bias staged", _kv_bias(2048, 4), _documents(2048), 128, 128, jnp.bfloat16),
 ]
