@@ -1,4 +1,4 @@
-"""Does a score_mod commute with scaling the score? Then a forward kernel need not scale first.
+"""Does a score_mod commute with scaling the score? Then kernels need not scale scores first.
 
 Attention is softmax(score_mod(scale * q k^T)). Without a score_mod the
 kernels fold `scale` into exp2's argument: one fused multiply-add per score
@@ -13,8 +13,8 @@ Many score_mods are positively homogeneous of degree one in the score,
 f(c s) = c f(s) for every c > 0: the identity, a mask written as a score_mod
 (`causal_bias`: where(q >= kv, s, -inf)), `checkerboard`'s
 where(..., s * 0.5, s), a learned per-head temperature s * t[h]. For those
-f(scale * raw) = scale * f(raw), so a forward may apply the mod to the raw
-score and keep folding `scale` into exp2 (`softmax.forward_score_units`).
+f(scale * raw) = scale * f(raw), so a kernel may apply the mod to the raw
+score and keep folding `scale` into exp2 (`softmax.mod_score_units`).
 
 `scales_with_score` decides it from the traced program, conservatively. Each
 value gets a kind:
@@ -30,9 +30,11 @@ The mod scales with the score when its result is LINEAR or FIXED. A sum with
 a bias (alibi), softcapping's tanh and any comparison of the score are
 OTHER: those mods keep the natural score.
 
-Only forwards use this. The backward also differentiates a mod with respect
-to its captured arrays (the temperature's gradient is a sum of ds times the
-*natural* score), so the backward kernels keep natural scores.
+Backward kernels may too: f' is homogeneous of degree zero, f'(c s) = f'(s),
+so ds pulled back through the mod at the raw score is the same (the kernels
+multiply dq and dk by scale at the end either way). A captured array's
+gradient is not (the temperature's is a sum of ds times the *natural* score):
+a kernel that computes those keeps natural scores.
 """
 
 from __future__ import annotations

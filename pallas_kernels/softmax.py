@@ -24,7 +24,7 @@ __all__ = [
     "MASKED_SCORE",
     "combine",
     "finish",
-    "forward_score_units",
+    "mod_score_units",
     "scaled",
     "score_units",
 ]
@@ -39,8 +39,8 @@ MASKED_SCORE = float("-inf")
 def score_units(scale: float, has_score_mod: bool) -> tuple[float, float]:
     """(pre, to_base2): kernels compute s = (q k^T) * pre, mod it, then exponentiate s * to_base2.
 
-    has_score_mod: the mod must see natural scores (forwards ask `forward_score_units`,
-    which says False for a mod that scales with the score). Then pre = scale and
+    has_score_mod: the mod must see natural scores (kernels ask `mod_score_units`, which
+    says False for a mod that scales with the score). Then pre = scale and
     to_base2 = log2(e). Without one (and a positive scale, so the row max
     commutes with scaling), both constants fold into one multiply applied
     inside exp2's argument: pre = 1 and to_base2 = scale * log2(e). Then
@@ -53,12 +53,16 @@ def score_units(scale: float, has_score_mod: bool) -> tuple[float, float]:
     return scale, LOG2E
 
 
-def forward_score_units(scale: float, score_program: ModProgram | None) -> tuple[float, float]:
-    """`score_units` for a forward kernel (and decode): a score_mod that scales with the score,
-    f(c s) = c f(s) (`mod_scaling`: noop, causal_bias, checkerboard, ...), is applied to the raw
-    score, scale folded into exp2 as without a score_mod: one multiply per score less. (The
-    backward keeps natural scores: its captured-array gradients need them.)"""
-    natural = score_program is not None and not scales_with_score(score_program)
+def mod_score_units(
+    scale: float, score_program: ModProgram | None, captured_grads: bool = False
+) -> tuple[float, float]:
+    """`score_units` for a kernel running `score_program`: a score_mod that scales with the
+    score, f(c s) = c f(s) (`mod_scaling`: noop, causal_bias, checkerboard, ...), is applied to
+    the raw score, the scale folded into exp2 as without a score_mod: one multiply per score
+    less. Its derivative f' is the same at the raw and the natural score, so a backward may do
+    so too -- unless it computes the gradients of the mod's captured arrays (captured_grads):
+    a temperature t in s * t gets the sum of ds times the natural s."""
+    natural = score_program is not None and (captured_grads or not scales_with_score(score_program))
     return score_units(scale, natural)
 
 

@@ -1,4 +1,4 @@
-"""Score_mods that scale with the score: the forwards apply them to raw scores (`mod_scaling`).
+"""Score_mods that scale with the score: kernels apply them to raw scores (`mod_scaling`).
 
 The classification is checked against the definition, f(c s) = c f(s) for
 c > 0, on random scores; a forward and its gradients (captured arrays too)
@@ -18,7 +18,7 @@ from flexjax.examples import EXAMPLES
 from flexjax.reference import flex_attention_reference
 from pallas_kernels.mod_scaling import scales_with_score
 from pallas_kernels.mod_trace import trace_mod
-from pallas_kernels.softmax import LOG2E, forward_score_units
+from pallas_kernels.softmax import LOG2E, mod_score_units
 
 TEMPERATURE = jnp.asarray([0.5, 1.5, 2.0, 3.0], jnp.float32)
 
@@ -78,12 +78,15 @@ def test_catalogue_mods_said_to_scale_do_scale(name):
         assert _homogeneous(case.score_mod)
 
 
-def test_forward_units_fold_the_scale_only_for_mods_that_scale():
-    scale = 0.3
-    assert forward_score_units(scale, None) == (1.0, scale * LOG2E)
-    assert forward_score_units(scale, _program(mods.causal_bias)) == (1.0, scale * LOG2E)
-    assert forward_score_units(scale, _program(mods.generate_alibi_bias(4))) == (scale, LOG2E)
-    assert forward_score_units(-scale, _program(mods.noop)) == (-scale, LOG2E)  # c > 0 only
+def test_units_fold_the_scale_only_for_mods_that_scale():
+    scale, folded, natural = 0.3, (1.0, 0.3 * LOG2E), (0.3, LOG2E)
+    temperature = _program(SCALING["temperature"][0])
+    assert mod_score_units(scale, None) == folded
+    assert mod_score_units(scale, _program(mods.causal_bias)) == folded
+    assert mod_score_units(scale, temperature) == folded
+    assert mod_score_units(scale, temperature, captured_grads=True) == natural
+    assert mod_score_units(scale, _program(mods.generate_alibi_bias(4))) == natural
+    assert mod_score_units(-scale, _program(mods.noop)) == (-scale, LOG2E)  # c > 0 only
 
 
 def test_mask_mods_are_refused():

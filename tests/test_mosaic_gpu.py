@@ -201,6 +201,7 @@ BWD_CASES = {
     "alibi causal gqa": ((1, 2, 1, 256, 64), jnp.float16, _alibi, _causal),
     "softcap dense D128": ((1, 1, 1, 256, 128), jnp.bfloat16, _softcap, None),
     "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start),
+    "halved odd causal gqa": ((1, 2, 1, 256, 64), jnp.float16, _halved_odd, _causal),
     "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten),
     "documents (staged), alibi": ((1, 2, 2, 256, 64), jnp.bfloat16, _alibi, _documents(256)),
 }
@@ -909,6 +910,7 @@ GPU_BWD_CASES = [
     ("causal gqa", None, _causal, 2, 128, jnp.bfloat16),
     ("alibi causal", _alibi, _causal, 1, 128, jnp.bfloat16),
     ("softcap dense", _softcap, None, 1, 64, jnp.float16),
+    ("halved odd causal", _halved_odd, _causal, 1, 128, jnp.bfloat16),
     ("empty rows", None, _late_start, 1, 128, jnp.float16),
     ("documents kv bias staged", _kv_bias(1024, 4), _documents(1024), 1, 128, jnp.bfloat16),
 ]

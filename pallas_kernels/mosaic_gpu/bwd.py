@@ -50,7 +50,7 @@ from pallas_kernels.mosaic_gpu.fwd import CONSUMERS, SMEM_BYTES, _smem
 from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import LOG2E, scaled, score_units
+from pallas_kernels.softmax import LOG2E, mod_score_units, scaled
 from pallas_kernels.spec import BlockTables, KernelSpec, Layout, Mods
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
@@ -242,7 +242,8 @@ class _Kernel:
         self.interpret = spec.interpret
         self.programs = kernel_mods(mods)["programs"]
         self.n_score = len(mods.score_consts)
-        self.pre, self.to_base2 = score_units(spec.scale, mods.score is not None)
+        # (no captured-array gradients here: bwd_refusal sends those calls to Triton)
+        self.pre, self.to_base2 = mod_score_units(spec.scale, mods.score)
         self.D = spec.E
         self.reads = StagedReads(mods, "backward")
 

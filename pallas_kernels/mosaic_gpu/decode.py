@@ -41,7 +41,7 @@ from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.staging import read_kinds
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import LOG2E, MASKED_SCORE, combine, forward_score_units, scaled
+from pallas_kernels.softmax import LOG2E, MASKED_SCORE, combine, mod_score_units, scaled
 from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
@@ -144,7 +144,7 @@ def flex_decode(
     bn, stages, splits = cfg.block_n, cfg.stages, cfg.splits
     per_block = spec.kv_block_size // bn
     tile = (ROWS, bn)
-    pre, to_base2 = forward_score_units(spec.scale, mods.score)
+    pre, to_base2 = mod_score_units(spec.scale, mods.score)
     partial, full = spec.has_partial, spec.has_full
     num, idx, full_num, full_idx = compat.padded_tables(tables)
     consts = mod_inputs(mods, None)

@@ -8,7 +8,7 @@ warpgroups:
   * two consumers, each owning half of the q block (64 rows; the BlockMask's
     q block is 128), with Q in shared memory, QK^T and PV on wgmma (the
     accumulator and P in registers), the online softmax in float32 and base 2
-    (`softmax.forward_score_units`); each step's QK^T is issued together with the
+    (`softmax.mod_score_units`); each step's QK^T is issued together with the
     previous step's PV, so the softmax runs while PV is on the tensor cores
     (`FwdConfig.pipelined`), and at D=64 a schedule barrier also makes the two
     consumers take turns (`default_config`: both measured).
@@ -46,7 +46,7 @@ from pallas_kernels.mosaic_gpu import compat, ring
 from pallas_kernels.mosaic_gpu.staged_reads import StagedReads
 from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import LOG2E, MASKED_SCORE, forward_score_units, scaled
+from pallas_kernels.softmax import LOG2E, MASKED_SCORE, mod_score_units, scaled
 from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
 from pallas_kernels.triton.launch import kernel_mods, mod_inputs
 
@@ -141,7 +141,7 @@ def flex_fwd(q, k, v, tables: TableView, mods: Mods, offsets, *, spec: KernelSpe
     dtype = q.dtype
     bq, bkv, D = spec.q_block_size // CONSUMERS, spec.kv_block_size, spec.E
     stages, G = cfg.stages, spec.group_size
-    pre, to_base2 = forward_score_units(spec.scale, mods.score)
+    pre, to_base2 = mod_score_units(spec.scale, mods.score)
     num, idx, full_num, full_idx = compat.padded_tables(tables)
     consts = mod_inputs(mods, None)
     programs = kernel_mods(mods)["programs"]

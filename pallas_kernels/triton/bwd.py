@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import LOG2E, scaled, score_units
+from pallas_kernels.softmax import LOG2E, mod_score_units, scaled
 from pallas_kernels.spec import BlockTables, KernelSpec, Mods
 from pallas_kernels.triton.fwd import KvTiles
 from pallas_kernels.triton.launch import (
@@ -111,7 +111,7 @@ def _dq_kernel(
     lse = load(lse_ref, slice(None), rows_mask, other=jnp.inf)
     delta = load(delta_ref, slice(None), rows_mask)
     lse_base2 = lse * LOG2E
-    pre, to_base2 = score_units(spec.scale, programs[0] is not None)
+    pre, to_base2 = mod_score_units(spec.scale, programs[0], captured_grads=bool(grad_slots))
     prec = _precision(q.dtype)
     kv = KvTiles(spec, k_ref, v_ref, cfg.block_n)
     q_shift = mods.q_shift(row)
@@ -174,7 +174,7 @@ def _dkdv_kernel(
     k_mask = tile_mask(start_n, cfg.block_n, kv_limit, k_ref.shape[-1], spec.E)
     v_mask = tile_mask(start_n, cfg.block_n, kv_limit, v_ref.shape[-1], spec.Ev)
     k, v = load(k_ref, tile_2d, k_mask), load(v_ref, tile_2d, v_mask)
-    pre, to_base2 = score_units(spec.scale, programs[0] is not None)
+    pre, to_base2 = mod_score_units(spec.scale, programs[0])  # (no captured-array gradients)
     prec = _precision(k.dtype)
     q_limit = bound(spec.L, spec.R * spec.q_block_size)
     kv_shift = mods.kv_shift(col)

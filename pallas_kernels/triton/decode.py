@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import MASKED_SCORE, combine, finish, forward_score_units
+from pallas_kernels.softmax import MASKED_SCORE, combine, finish, mod_score_units
 from pallas_kernels.spec import KernelSpec, Layout, Mods, TableView
 from pallas_kernels.triton.fwd import KvTiles, tile_step
 from pallas_kernels.triton.launch import (
@@ -114,7 +114,7 @@ def _decode_kernel(
         carry = walk(kv_idx_ref, lo, jnp.minimum(hi, n_part), True, carry)
     if spec.has_full:
         carry = walk(full_idx_ref, jnp.maximum(lo, n_part) - n_part, hi - n_part, False, carry)
-    out, lse = finish(carry, forward_score_units(spec.scale, programs[0])[1])
+    out, lse = finish(carry, mod_score_units(spec.scale, programs[0])[1])
     store(o_ref, tile_2d, out, tile_mask(0, cfg.rows, row_limit, e_v, spec.Ev))
     store(lse_ref, slice(None), lse, tile_mask(0, cfg.rows, row_limit))
 

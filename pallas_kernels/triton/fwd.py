@@ -11,7 +11,7 @@ tile start carried through the loop, so K/V loads pipeline fully).
 The softmax is `pallas_kernels.softmax`'s, online, in float32 and base 2:
 each p is one fused multiply-add and one `ex2` (`exp2_fma`, inline asm on
 the GPU); with no score_mod, or one that scales with the score, the scale
-folds into the same multiply (`forward_score_units`).
+folds into the same multiply (`mod_score_units`).
 
 Kernels take plain arrays and a frozen config, never a BlockMask. Nothing is
 padded in HBM: the last q tile, the K/V rows past the key length and head
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels.score_tile import TileMods
-from pallas_kernels.softmax import MASKED_SCORE, finish, forward_score_units, scaled
+from pallas_kernels.softmax import MASKED_SCORE, finish, mod_score_units, scaled
 from pallas_kernels.spec import KernelSpec, Mods, TableView
 from pallas_kernels.triton.launch import (
     bound,
@@ -79,11 +79,11 @@ def tile_step(
 ):
     """One kv tile of the online softmax (also the decode kernel's). masked: apply mask_mod.
 
-    m_i is the running row max in score units (see `forward_score_units`); q_shift:
+    m_i is the running row max in score units (see `mod_score_units`); q_shift:
     `TileMods.q_shift` of the q block.
     """
     acc, m_i, l_i = carry
-    pre, to_base2 = forward_score_units(spec.scale, mods.score)
+    pre, to_base2 = mod_score_units(spec.scale, mods.score)
     # float32 inputs get float32 products (Triton's default for them is tf32).
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s = scaled(jnp.dot(q, k.T, precision=precision, preferred_element_type=jnp.float32), pre)
@@ -146,7 +146,7 @@ def _fwd_kernel(
         carry = walk(kv_num_ref, kv_idx_ref, True, carry)
     if spec.has_full:
         carry = walk(full_num_ref, full_idx_ref, False, carry)
-    out, lse = finish(carry, forward_score_units(spec.scale, programs[0])[1])
+    out, lse = finish(carry, mod_score_units(spec.scale, programs[0])[1])
     out_mask = tile_mask(first, cfg.block_m, row_limit, e_v, spec.Ev)
     store(o_ref, whole_tile, out.astype(o_ref.dtype), out_mask)
     store(lse_ref, slice(None), lse, tile_mask(first, cfg.block_m, row_limit))
