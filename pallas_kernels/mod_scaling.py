@@ -62,7 +62,9 @@ _LINEAR_LIKE = (_Kind.LINEAR, _Kind.FIXED)
 # Ops that carry a LINEAR value to a LINEAR value, and a FIXED one to a FIXED one.
 _UNARY = {"neg", "abs", "copy", "convert_element_type", "reduce_precision", "broadcast_in_dim",
           "reshape", "squeeze", "expand_dims"}  # fmt: skip
-_SUBJAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Calls whose value is their jaxpr's (custom_jvp / custom_vjp calls are not walked: their
+# derivative rule, which a backward uses, need not scale as their value does).
+_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat2"}
 
 
 def _literal_kind(value) -> _Kind:
@@ -75,8 +77,8 @@ def _literal_kind(value) -> _Kind:
 def _eqn_kinds(eqn, kinds: list[_Kind]) -> list[_Kind]:
     """The kinds of eqn's outputs given its inputs' kinds."""
     name, n_out = eqn.primitive.name, len(eqn.outvars)
-    sub = next((eqn.params[p] for p in _SUBJAXPR_PARAMS if p in eqn.params), None)
-    if sub is not None:  # jit, custom_jvp / custom_vjp calls: walk their jaxpr
+    sub = eqn.params.get("jaxpr") if name in _CALLS else None
+    if sub is not None:
         jaxpr = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr or a Jaxpr
         return _walk(jaxpr, [_literal_kind(c) for c in getattr(sub, "consts", ())], kinds)
     if _Kind.OTHER in kinds:

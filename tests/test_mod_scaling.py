@@ -30,6 +30,8 @@ SCALING = {  # name: (score_mod, scales with the score)
     "divided": (lambda s, b, h, q, kv: s / (h + 1.0), True),
     "negated_window": (lambda s, b, h, q, kv: jnp.where(q - kv < 4, -s, 0.0), True),
     "max_with_-inf": (lambda s, b, h, q, kv: jnp.maximum(s, -jnp.inf), True),
+    "checkpointed": (lambda s, b, h, q, kv: jax.checkpoint(lambda x: x * 2.0)(s), True),
+    "nn_relu": (lambda s, b, h, q, kv: jax.nn.relu(s), False),  # custom_jvp: not walked
     "alibi": (mods.generate_alibi_bias(4), False),
     "alibi_functional": (mods.generate_alibi_functional(4), False),
     "softcap": (mods.generate_tanh_softcap(20.0), False),
