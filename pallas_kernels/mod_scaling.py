@@ -23,8 +23,8 @@ value gets a kind:
            as causal_bias's -inf literal;
     LINEAR homogeneous of degree one in the score;
     OTHER  anything else.
-The score is LINEAR. LINEAR survives negation, abs, float conversions, a
-product or quotient by a FREE value, sums, max and min of LINEAR and FIXED
+The score is LINEAR. LINEAR survives negation, abs, conversions to floats at
+least as wide, a product or quotient by a FREE value, sums, max and min of LINEAR and FIXED
 values, and a select whose predicate is FREE between LINEAR or FIXED cases.
 The mod scales with the score when its result is LINEAR or FIXED. A sum with
 a bias (alibi), softcapping's tanh and any comparison of the score are
@@ -42,6 +42,7 @@ from __future__ import annotations
 import enum
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
@@ -59,39 +60,55 @@ class _Kind(enum.Enum):
 
 _FREE_LIKE = (_Kind.FREE, _Kind.FIXED)
 _LINEAR_LIKE = (_Kind.LINEAR, _Kind.FIXED)
-# Ops that carry a LINEAR value to a LINEAR value, and a FIXED one to a FIXED one.
-_UNARY = {"neg", "abs", "copy", "convert_element_type", "reduce_precision", "broadcast_in_dim",
-          "reshape", "squeeze", "expand_dims"}  # fmt: skip
-# Calls whose value is their jaxpr's (custom_jvp / custom_vjp calls are not walked: their
-# derivative rule, which a backward uses, need not scale as their value does).
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat2"}
+# Ops that carry a LINEAR value to a LINEAR value, and a FIXED one to a FIXED one
+# (convert_element_type only where `_keeps_scaling` says so).
+_UNARY = {"neg", "abs", "copy", "convert_element_type", "broadcast_in_dim", "reshape",
+          "squeeze", "expand_dims"}  # fmt: skip
+# Calls whose value is their jaxpr's, and the parameter holding it (custom_jvp / custom_vjp
+# calls are not walked: their derivative rule, which a backward uses, need not scale as
+# their value does).
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "remat2": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr"}  # fmt: skip
+
+
+def _is_float(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
 
 
 def _literal_kind(value) -> _Kind:
     v = np.asarray(value)
-    if v.dtype.kind == "f" and v.size and np.all((v == 0) | np.isinf(v)):
+    if _is_float(v.dtype) and v.size and np.all((v == 0) | np.isinf(v)):
         return _Kind.FIXED
     return _Kind.FREE
+
+
+def _keeps_scaling(eqn) -> bool:
+    """A unary op keeps c * x as c * (its x): not a conversion to an integer or bool (0 or inf
+    would become anything), nor to a narrower float (a raw score, 1/scale times the natural
+    one, can overflow float16 where the natural one does not)."""
+    if eqn.primitive.name != "convert_element_type":
+        return True
+    src, dst = eqn.invars[0].aval.dtype, eqn.params["new_dtype"]
+    return _is_float(src) and _is_float(dst) and jnp.finfo(dst).bits >= jnp.finfo(src).bits
 
 
 def _eqn_kinds(eqn, kinds: list[_Kind]) -> list[_Kind]:
     """The kinds of eqn's outputs given its inputs' kinds."""
     name, n_out = eqn.primitive.name, len(eqn.outvars)
-    sub = eqn.params.get("jaxpr") if name in _CALLS else None
+    sub = eqn.params.get(_CALLS[name]) if name in _CALLS else None
     if sub is not None:
         jaxpr = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr or a Jaxpr
         return _walk(jaxpr, [_literal_kind(c) for c in getattr(sub, "consts", ())], kinds)
     if _Kind.OTHER in kinds:
         return [_Kind.OTHER] * n_out
     if all(k in _FREE_LIKE for k in kinds):
-        if name in _UNARY and kinds == [_Kind.FIXED]:
+        if name in _UNARY and kinds == [_Kind.FIXED] and _keeps_scaling(eqn):
             return [_Kind.FIXED] * n_out
         return [_Kind.FREE] * n_out
     # At least one input is LINEAR from here on.
     out = _Kind.OTHER
     if name in _UNARY and len(kinds) == 1:
-        to_float = np.dtype(eqn.params.get("new_dtype", np.float32)).kind == "f"
-        out = _Kind.LINEAR if to_float else _Kind.OTHER
+        out = _Kind.LINEAR if _keeps_scaling(eqn) else _Kind.OTHER
     elif name == "mul" and sorted(k is _Kind.LINEAR for k in kinds) == [False, True]:
         other = kinds[0] if kinds[1] is _Kind.LINEAR else kinds[1]
         out = _Kind.LINEAR if other in _FREE_LIKE else _Kind.OTHER

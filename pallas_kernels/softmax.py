@@ -36,19 +36,19 @@ LOG2E = math.log2(math.e)
 MASKED_SCORE = float("-inf")
 
 
-def score_units(scale: float, has_score_mod: bool) -> tuple[float, float]:
+def score_units(scale: float, natural: bool) -> tuple[float, float]:
     """(pre, to_base2): kernels compute s = (q k^T) * pre, mod it, then exponentiate s * to_base2.
 
-    has_score_mod: the mod must see natural scores (kernels ask `mod_score_units`, which
+    natural: a score_mod must see natural scores (kernels ask `mod_score_units`, which
     says False for a mod that scales with the score). Then pre = scale and
-    to_base2 = log2(e). Without one (and a positive scale, so the row max
+    to_base2 = log2(e). Otherwise (and with a positive scale, so the row max
     commutes with scaling), both constants fold into one multiply applied
     inside exp2's argument: pre = 1 and to_base2 = scale * log2(e). Then
     `exp2(s * to_base2 - m * to_base2)` is one fused multiply-add per score,
     and the raw scores need no separate scaling pass. Natural units of a value
     x in score units: x * to_base2 / log2(e).
     """
-    if not has_score_mod and scale > 0:
+    if not natural and scale > 0:
         return 1.0, scale * LOG2E
     return scale, LOG2E
 

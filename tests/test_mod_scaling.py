@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_qkv
+from jax import lax
 from test_flex_attention_grad import assert_grads_close, grads_both
 
 import flexjax as fj
@@ -21,6 +22,7 @@ from pallas_kernels.mod_trace import trace_mod
 from pallas_kernels.softmax import LOG2E, mod_score_units
 
 TEMPERATURE = jnp.asarray([0.5, 1.5, 2.0, 3.0], jnp.float32)
+INF = jnp.float32(jnp.inf)
 
 SCALING = {  # name: (score_mod, scales with the score)
     "identity": (mods.noop, True),
@@ -41,6 +43,12 @@ SCALING = {  # name: (score_mod, scales with the score)
     "relu": (lambda s, b, h, q, kv: jnp.where(s > 0, s, 0.0), False),
     "floored": (lambda s, b, h, q, kv: s.astype(jnp.int32).astype(jnp.float32), False),
     "constant": (lambda s, b, h, q, kv: jnp.float32(2.0) + 0.0 * q, False),
+    # -inf through bool is 1.0, through int32 a large number: no longer 0 or inf.
+    "inf_as_bool": (lambda s, b, h, q, kv: s + (-INF).astype(bool).astype(jnp.float32), False),
+    "inf_as_int": (lambda s, b, h, q, kv: s + jnp.abs(-INF).astype(jnp.int32) * 1.0, False),
+    # A raw score (1/scale times the natural one) can overflow float16 where it does not.
+    "through_float16": (lambda s, b, h, q, kv: s.astype(jnp.float16).astype(jnp.float32), False),
+    "reduce_precision": (lambda s, b, h, q, kv: lax.reduce_precision(s, 5, 2), False),
 }
 
 
@@ -100,8 +108,9 @@ def test_mask_mods_are_refused():
 @pytest.mark.parametrize("name", ["causal_bias", "checkerboard", "temperature"])
 def test_scaling_mods_forward_and_gradients(flex, name, scale):
     score_mod = SCALING[name][0]
-    B, H, L, S = 2, 4, 96, 80
-    q, k, v = random_qkv(4, B, H, L, S, 16)
+    B, H, L, S, E = 2, 4, 96, 80, 24  # (scale 1/sqrt(24): raw and natural units round apart)
+    assert mod_score_units(scale or E**-0.5, _program(score_mod))[0] == 1.0  # the raw path
+    q, k, v = random_qkv(4, B, H, L, S, E)
     bm = fj.create_block_mask(masks.causal_mask, 1, 1, L, S, BLOCK_SIZE=32)
     out, lse = flex(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, return_lse=True)
     want, want_lse = flex_attention_reference(

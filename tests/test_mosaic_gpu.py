@@ -414,8 +414,12 @@ DECODE_CASES = {
         (1, 2, 2, 1, 512, 64), jnp.bfloat16, _kv_bias(512, 2), (_head_prefix, 2),
         {"MOSAIC_DECODE_SPLITS": 2, "MOSAIC_DECODE_BLOCK_N": 128, "MOSAIC_DECODE_STAGES": 2},
     ),
-    "halved odd, no mask, D128, one split": (
-        (1, 2, 1, 1, 384, 128), jnp.bfloat16, _halved_odd, (None, 1), {"MOSAIC_DECODE_SPLITS": 1},
+    "dense D128, one split": (
+        (1, 2, 1, 1, 384, 128), jnp.bfloat16, None, (None, 1), {"MOSAIC_DECODE_SPLITS": 1},
+    ),
+    "halved odd, causal end": (
+        (1, 2, 2, 1, 256, 64), jnp.float16, _halved_odd, (_window_end(256, 1, 200), 1),
+        {"MOSAIC_DECODE_SPLITS": 2},
     ),
 }  # fmt: skip
 
