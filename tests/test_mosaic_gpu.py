@@ -104,8 +104,7 @@ CASES = {
     "causal bf16 kv64": ((1, 1, 1, 256, 64), jnp.bfloat16, None, _causal, (128, 64)),
     "alibi causal gqa": ((2, 4, 2, 256, 64), jnp.bfloat16, _alibi, _causal, 128),
     "softcap window D128": ((1, 1, 1, 384, 128), jnp.float16, _softcap, _window, (128, 64)),
-    "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start, 128),
-    "halved odd causal gqa": ((1, 4, 2, 256, 64), jnp.float16, _halved_odd, _causal, 128),
+    "empty rows, halved odd": ((1, 1, 1, 256, 64), jnp.float16, _halved_odd, _late_start, 128),
     "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten, 128),
     "documents + kv bias (staged)": (
         (1, 2, 2, 256, 64),
@@ -200,8 +199,7 @@ BWD_CASES = {
     # name: (sizes B, Hq, Hkv, S, D), dtype, score_mod, mask_mod
     "alibi causal gqa": ((1, 2, 1, 256, 64), jnp.float16, _alibi, _causal),
     "softcap dense D128": ((1, 1, 1, 256, 128), jnp.bfloat16, _softcap, None),
-    "empty rows": ((1, 1, 1, 256, 64), jnp.float16, None, _late_start),
-    "halved odd causal gqa": ((1, 2, 1, 256, 64), jnp.float16, _halved_odd, _causal),
+    "empty rows, halved odd": ((1, 1, 1, 256, 64), jnp.float16, _halved_odd, _late_start),
     "natten + index math": ((1, 1, 1, 256, 64), jnp.float16, _index_math, _natten),
     "documents (staged), alibi": ((1, 2, 2, 256, 64), jnp.bfloat16, _alibi, _documents(256)),
 }
