@@ -21,7 +21,8 @@ def meta_info(scale: str, gpu: bool) -> dict:
     driver = "-"
     if gpu:
         q = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        driver = subprocess.run(q, capture_output=True, text=True).stdout.strip() or "-"
+        lines = subprocess.run(q, capture_output=True, text=True).stdout.split()
+        driver = lines[0] if lines else "-"  # one line per GPU; a host's GPUs share a driver
     try:
         import triton
 
