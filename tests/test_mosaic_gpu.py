@@ -760,6 +760,11 @@ def test_backward_ring_depths_per_kernel():
     for key, (depth, message) in cases.items():
         with pytest.raises(ValueError, match=message):
             backend.configs(call.spec, call.mods, {key: depth}, False)
+    fused = {"MOSAIC_FUSED_DQ": True, "MOSAIC_BWD_DKDV_STAGES": 4}  # asked: raises, not dropped
+    with pytest.raises(ValueError, match="MOSAIC_FUSED_DQ=True: the dk/dv kernel with dq's buffers and a ring of 4"):  # fmt: skip
+        backend.configs(call.spec, call.mods, fused, False)
+    quiet = backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_STAGES": 4}, False).bwd
+    assert not fused_dq(call.spec, quiet)  # the default's fused dq gives way to the ring asked
     with pytest.raises(ValueError, match="MOSAIC_BWD_DKDV_STAGES=1: dkdv_stages=1 must be >= 2"):
         backend.configs(call.spec, call.mods, {"MOSAIC_BWD_DKDV_STAGES": 1}, False)
     rows = {"MOSAIC_BWD_DKDV_Q_ROWS": 128}

@@ -29,7 +29,8 @@ defaults by head dim (`fwd.default_config`, measured); the backward's (`bwd.BwdC
 `fused_dq` ("MOSAIC_FUSED_DQ": dq accumulated in the dk/dv kernel by TMA
 reduce-add where `bwd.fused_dq` allows, instead of its own kernel; on by
 default, measured faster, not bitwise deterministic: False, or the generic
-kernel_options["deterministic"], keeps the dq kernel), defaults
+kernel_options["deterministic"], keeps the dq kernel; the default gives way
+to rings asked for that leave it no room, True asked raises there), defaults
 (`bwd.default_config`, measured),
 `stages` ("MOSAIC_BWD_STAGES", both kernels' rings), `dkdv_stages`
 ("MOSAIC_BWD_DKDV_STAGES", the dk/dv kernel's, if given), `dkdv_q_rows`
@@ -197,6 +198,14 @@ class MosaicGpuBackend(dispatch.Backend):
         except ValueError as e:
             given = ", ".join(f"{k}={v}" for k, v in options.items() if _OPTIONS[k][0] == "bwd")
             raise ValueError(f"kernel_options {given}: {e}") from None
+        fused_need = mosaic_bwd.smem_bytes(spec, bwd, fused=True)
+        if values["bwd"].get("fused_dq") and fused_need > SMEM_BYTES:  # asked: never dropped
+            raise ValueError(
+                f"kernel_options MOSAIC_FUSED_DQ=True: the dk/dv kernel with dq's buffers and a "
+                f"ring of {mosaic_bwd.dkdv_ring(bwd)} would need {fused_need} bytes of shared "
+                f"memory, more than the {SMEM_BYTES} an sm90 CTA has; use fewer stages "
+                "(MOSAIC_BWD_DKDV_STAGES, MOSAIC_BWD_STAGES) or MOSAIC_FUSED_DQ=False"
+            )
         why = mosaic_bwd.config_refusal(spec, bwd)
         if why is not None:
             raise ValueError(f"kernel_options MOSAIC_BWD_DKDV_Q_ROWS={bwd.dkdv_q_rows}: {why}")

@@ -130,7 +130,11 @@ def default_config(spec: KernelSpec, **values) -> BwdConfig:
     (`_aliased`): 7.52 ms against 8.01 with the dq kernel and 7.62 with the group loop
     (which stays off; bench/results/mosaic_bwd_gqa4_h200_2026-11-29.md). k and v broadcast
     over the batch at D=128 (the same aliasing, not measured) keep the dq kernel unless
-    MOSAIC_FUSED_DQ=True asks."""
+    MOSAIC_FUSED_DQ=True asks. The dk/dv ring stays at 2: at fp16 D=64 a ring of 4 made the
+    causal fwd+bwd 1.3% faster (20.02 ms against 20.28-20.30) but the dense noop backward 6%
+    slower (31.54 against 29.72 in the seed table); at D=128 a deeper ring does not fit
+    beside the fused dq (bench/results/mosaic_bwd_dkdv_stages_h200_2026-11-29_*.md,
+    seed_table_fp16_d64_h200_2026-11-29_dkdv_ring4.md)."""
     broadcast_split = spec.kv_batch_broadcast and _dq_cols(spec) != spec.E
     fused = values.get("dkdv_q_rows", _ROWS) == _ROWS and not broadcast_split
     cfg = BwdConfig(**{"fused_dq": fused, "paired": True, **values})
