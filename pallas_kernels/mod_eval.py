@@ -90,13 +90,99 @@ def _broadcast_tiles(vals):
     return [v if jnp.shape(v) == target else jnp.broadcast_to(v, target) for v in vals]
 
 
+_F32_EXACT = 2**24  # every integer of at most this magnitude is a float32 value
+
+
+@dataclasses.dataclass(frozen=True)
+class _OuterSum:
+    """a + b of an int32 row vector and column vector (`IndexVector`s of bounded
+    magnitude), not yet a tile: `q_idx - kv_idx` as the mods write it for relative positions.
+
+    Converted to float32 it becomes float(a) + float(b), a float add per element where the
+    tile would take an integer add and an integer-to-float conversion: conversions issue at a
+    quarter of the float add's rate on sm80/sm90 (as exp2 does), so ALiBi-like biases cost
+    the softmax one MUFU-rate op per score less. Bitwise the same: while |a| and |b| stay
+    within 2^24 (`_F32_EXACT`) both are float32 values, so the float add rounds the exact sum
+    once, as converting the integer sum does (which cannot wrap: |a + b| <= 2^25). Negation
+    and literal integer factors keep it (on the vectors) while that holds; any other use
+    expands it to the integer tile."""
+
+    a: IndexVector
+    b: IndexVector
+
+    @staticmethod
+    def of(prim_name: str, x, y):
+        """x + y or x - y as an `_OuterSum`, or None where it does not apply."""
+        vectors = isinstance(x, IndexVector) and isinstance(y, IndexVector)
+        if not vectors or x.dim == y.dim or x.bound is None or y.bound is None:
+            return None
+        if not all(v.value.dtype == jnp.int32 for v in (x, y)):  # (narrower ints wrap)
+            return None
+        if max(x.bound, y.bound) > _F32_EXACT:
+            return None
+        if prim_name == "sub":
+            y = y.map(lambda v: -v, y.bound)
+        return _OuterSum(x, y)
+
+    def scaled(self, c: int):
+        """c * (a + b) as c * a + c * b (integers: exact), or None past float32's integers."""
+        if abs(c) * max(self.a.bound, self.b.bound) > _F32_EXACT:
+            return None
+        return _OuterSum(*(v.map(lambda x: x * c, abs(c) * v.bound) for v in (self.a, self.b)))
+
+    def to_float32(self):
+        a, b = (v.map(lambda x: x.astype(jnp.float32), v.bound).expand() for v in (self.a, self.b))
+        return a + b
+
+    def expand(self):
+        return self.a.expand() + self.b.expand()
+
+
+def _static_int(x) -> int | None:
+    """x as a Python int where it is a static integer scalar (a literal), else None."""
+    if isinstance(x, _OuterSum | IndexVector) or jnp.ndim(x) != 0:
+        return None
+    dtype = jnp.result_type(x)
+    if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.integer):
+        return None
+    try:
+        return int(x)
+    except (jax.errors.ConcretizationTypeError, TypeError):  # a traced value
+        return None
+
+
+def _outer_sum_op(prim, tiles, params):
+    """prim as an `_OuterSum`: the sum of a row and a column vector, or one kept as one
+    (negated, scaled by a literal, converted to float32); None where it does not apply (an
+    `_OuterSum` among tiles is then expanded). tiles as the jaxpr gave them (literals not
+    yet arrays)."""
+    name = prim.name
+    if name in ("add", "sub") and len(tiles) == 2:
+        outer = _OuterSum.of(name, *tiles)
+        if outer is not None:
+            return outer
+    if not any(isinstance(t, _OuterSum) for t in tiles):
+        return None
+    if name == "neg" and len(tiles) == 1:
+        return tiles[0].scaled(-1)
+    if name == "mul" and len(tiles) == 2:
+        outer, c = tiles if isinstance(tiles[0], _OuterSum) else tiles[::-1]
+        c = _static_int(c)
+        return None if c is None or not isinstance(outer, _OuterSum) else outer.scaled(c)
+    if name == "convert_element_type" and jnp.dtype(params["new_dtype"]) == jnp.float32:
+        return tiles[0].to_float32()
+    return None
+
+
 def _expanded(x):
-    """x, with an `IndexVector` broadcast to its tile."""
-    return x.expand() if isinstance(x, IndexVector) else x
+    """x, with an `IndexVector` (or an `_OuterSum`) broadcast to its tile."""
+    return x.expand() if isinstance(x, IndexVector | _OuterSum) else x
 
 
 def _bind(prim, tiles, params):
-    """prim on tiles; on `IndexVector`s of one dim (and scalars) it stays on the vectors."""
+    """prim on tiles; on `IndexVector`s of one dim (and scalars) it stays on the vectors (an
+    `_OuterSum` is expanded: `_outer_sum_op` first keeps the ones it can)."""
+    tiles = [_expanded(t) if isinstance(t, _OuterSum) else t for t in tiles]
     vecs = [t for t in tiles if isinstance(t, IndexVector)]
     if vecs:
         on_vector = len({v.dim for v in vecs}) == 1 and all(
@@ -138,6 +224,10 @@ class _Evaluator:
         out = np.empty(shape, dtype=object)
         for pos in np.ndindex(*shape):
             tiles = [o[pos] for o in objs]
+            outer = _outer_sum_op(prim, tiles, params)  # (before literals become arrays)
+            if outer is not None:
+                out[pos] = outer
+                continue
             tiles = [
                 t if not isinstance(t, int | float | bool | np.generic) else jnp.asarray(t)
                 for t in tiles
@@ -346,7 +436,7 @@ def _consts(program: ModProgram, hoisted_refs: Sequence) -> list:
 def _as_tile(out, out_shape):
     if isinstance(out, np.ndarray):
         out = out[()]
-    return as_tile(out, out_shape)
+    return as_tile(_expanded(out), out_shape)
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,8 @@ or column vector of a register tile); the index math stays on them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from pallas_kernels.mod_eval import eval_mod, eval_score_mod_vjp
@@ -109,6 +111,7 @@ class TileMods:
         kv_in = _index(lambda x: _shifted(jnp.minimum(x, spec.S - 1), kv0), kv_idx)
         if spec.kv_map_len:
             kv_in = _index(lambda x: jnp.minimum(x, spec.kv_map_len - 1), kv_in)
+        q_in, kv_in = _bounded(q_in, q0, spec.L - 1), _bounded(kv_in, kv0, spec.S - 1)
         pullback = None
         if self.score is not None and grad_slots is not None:
             s, mod_pullback = eval_score_mod_vjp(
@@ -148,6 +151,15 @@ class TileMods:
 def _index(fn, index):
     """fn of an index tile, or of an `IndexVector`'s vector (kept a vector)."""
     return index.map(fn) if isinstance(index, IndexVector) else fn(index)
+
+
+def _bounded(index, offset, top: int):
+    """An `IndexVector` of indices in [0, top] (no offset: start + row numbers, clamped to
+    top) marked so: the evaluator may then convert `q_idx - kv_idx` exactly as two vectors
+    (`mod_eval._OuterSum`). Anything else as it is."""
+    if isinstance(index, IndexVector) and isinstance(offset, int) and offset == 0:
+        return dataclasses.replace(index, bound=top)
+    return index
 
 
 def _shifted(index, offset):

@@ -35,9 +35,11 @@ class IndexVector:
     value: Any  # 1-D: the tile's shape[dim] indices
     dim: int  # the tile dim it runs along
     shape: tuple[int, int]  # the tile's
+    bound: int | None = None  # a static bound on |value| (None: unknown), for exact rewrites
 
-    def map(self, fn) -> IndexVector:
-        return dataclasses.replace(self, value=fn(self.value))
+    def map(self, fn, bound: int | None = None) -> IndexVector:
+        """fn of the vector; `bound` bounds the result's magnitude (None: unknown)."""
+        return dataclasses.replace(self, value=fn(self.value), bound=bound)
 
     def expand(self):
         return lax.broadcast_in_dim(self.value, self.shape, [self.dim])

@@ -185,6 +185,103 @@ def test_index_vectors_keep_one_index_math_on_the_vector(name):
     assert not any(name in ("div", "rem") and s == shape for name, s in ops), ops
 
 
+def _relative(score, b, h, q_idx, kv_idx):  # a bias of distance, negated and scaled twice
+    return score - 3 * (-(kv_idx - q_idx) * 2).astype(jnp.float32) * 0.25
+
+
+@pytest.mark.parametrize(
+    "name, mod",
+    [("alibi_functional", mods.generate_alibi_functional(8)),
+     ("alibi_closure", mods.generate_alibi_bias(8)), ("relative", _relative)],
+)  # fmt: skip
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_relative_position_converts_as_two_vectors(name, mod, transposed):
+    """`q_idx - kv_idx` on bounded index vectors (`IndexVector.bound`, as `score_tile` marks
+    them) reaches float32 as float(q) - float(kv), one float op per score instead of an
+    integer op and an integer-to-float conversion (`mod_eval._OuterSum`): bitwise the same
+    scores as the tile form and as the plain mod. Without bounds, or past 2^24, the integer
+    tile is converted as before."""
+    program, consts = trace_mod(mod, True)
+    bm, bn = 16, 32
+    q = jnp.asarray(np.random.default_rng(1).permutation(4096)[:bm], jnp.int32)
+    kv = jnp.asarray(np.random.default_rng(2).permutation(4096)[:bn], jnp.int32)
+    shape, (dq, dkv) = ((bn, bm), (1, 0)) if transposed else ((bm, bn), (0, 1))
+    score = jax.random.normal(jax.random.key(3), shape, jnp.float32) * 4
+    want = reference(mod, True, 0, 5, q, kv, score.T if transposed else score)
+
+    def run(q_bound, kv_bound):
+        args = (score, jnp.int32(0), jnp.int32(5), IndexVector(q, dq, shape, q_bound),
+                IndexVector(kv, dkv, shape, kv_bound))  # fmt: skip
+        f = lambda: eval_mod(program, flat_refs(consts), args, shape, OPS)
+        tile_converts = [
+            e for e in jax.make_jaxpr(f)().jaxpr.eqns
+            if e.primitive.name == "convert_element_type" and e.invars[0].aval.shape == shape
+            and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)
+        ]  # fmt: skip
+        out = np.asarray(f())
+        return (out.T if transposed else out), len(tile_converts)
+
+    fast, converts = run(4095, 4095)
+    assert converts == 0
+    np.testing.assert_array_equal(fast, np.asarray(want))
+    for bounds in ((None, 4095), (2**23, 2**24 + 1)):  # unknown, or past float32's integers
+        slow, converts = run(*bounds)
+        assert converts >= 1
+        np.testing.assert_array_equal(slow, fast)
+
+
+_FACTORED = {  # integer index math between q_idx - kv_idx and its conversion
+    "sub": lambda s, b, h, q, kv: s + (q - kv).astype(jnp.float32),
+    "add": lambda s, b, h, q, kv: s + (q + kv).astype(jnp.float32),
+    "negated, times -3": lambda s, b, h, q, kv: s + (-(kv - q) * -3).astype(jnp.float32),
+    "times 3, times 3": lambda s, b, h, q, kv: s + ((q - kv) * 3 * 3).astype(jnp.float32),
+    "times 0": lambda s, b, h, q, kv: s + ((q - kv) * 0).astype(jnp.float32),
+    "times h": lambda s, b, h, q, kv: s + ((q - kv) * h).astype(jnp.float32),
+    "compared": lambda s, b, h, q, kv: jnp.where((q - kv) * 2 > 5, s, 1.0),
+}
+
+
+@pytest.mark.parametrize("bound", [100, 2**22, 2**23 - 1, 2**23, 2**24 - 1, 2**24])
+@pytest.mark.parametrize("name", list(_FACTORED))
+def test_outer_sums_stay_exact_up_to_their_bounds(name, bound):
+    """Index vectors holding values up to their bound, up to float32's largest exact
+    integers (2^24): the bounded evaluation (`_OuterSum` where it applies, refused where a
+    factor would take a vector past 2^24) is bitwise the unbounded one (integer tiles)."""
+    program, _ = trace_mod(_FACTORED[name], True)
+    shape = (4, 8)
+    rng = np.random.default_rng(bound)
+    q, kv = rng.integers(-bound, bound + 1, 4), rng.integers(-bound, bound + 1, 8)
+    q[0], kv[0], kv[1] = bound, -bound, bound  # the extremes
+
+    def run(b):
+        args = (jnp.zeros(shape, jnp.float32), jnp.int32(0), jnp.int32(3),
+                IndexVector(jnp.asarray(q, jnp.int32), 0, shape, b),
+                IndexVector(jnp.asarray(kv, jnp.int32), 1, shape, b))  # fmt: skip
+        return np.asarray(jax.jit(lambda: eval_mod(program, [], args, shape, OPS))())
+
+    np.testing.assert_array_equal(run(bound).view(np.uint32), run(None).view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint32, jnp.int16, jnp.int8])
+def test_outer_sums_are_int32_only(dtype):
+    """Narrower or unsigned index vectors wrap where int32 does not: no `_OuterSum`, even
+    with a bound (uint32 5 - 3 must stay 2, int16 30000 - -30000 must wrap)."""
+    program, _ = trace_mod(_FACTORED["sub"], True)
+    shape = (4, 8)
+    q, kv, bound = {jnp.uint32: (5, 3, 10), jnp.int16: (30000, -30000, 30000),
+                    jnp.int8: (100, -100, 100)}[dtype]  # fmt: skip
+
+    def run(b):
+        args = (jnp.zeros(shape, jnp.float32), jnp.int32(0), jnp.int32(3),
+                IndexVector(jnp.full(4, q, dtype), 0, shape, b),
+                IndexVector(jnp.full(8, kv, dtype), 1, shape, b))  # fmt: skip
+        return np.asarray(eval_mod(program, [], args, shape, OPS))
+
+    want = float(np.asarray(q, dtype) - np.asarray(kv, dtype))
+    np.testing.assert_array_equal(run(bound), np.full(shape, want, np.float32))
+    np.testing.assert_array_equal(run(bound), run(None))
+
+
 def test_catalogue_tiles_are_not_trivial():
     """The tiles above cut through every mask: each catalogue mask keeps some and drops some."""
     for name in EXAMPLES:

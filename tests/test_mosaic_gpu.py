@@ -1056,3 +1056,35 @@ def test_compiled_decode_matches_reference_on_gpu(name):
     qkv = (x.astype(jnp.float32) for x in (q, k, v))
     ref, ref_lse = flex_attention_reference(*qkv, score_mod, bm, enable_gqa=gqa, return_lse=True)
     _check(out, lse, ref, ref_lse, TOL[dtype])
+
+
+@pytest.mark.parametrize("offsets", [False, True], ids=["own-indices", "offsets"])
+def test_kernel_indices_are_bounded_for_relative_positions(offsets):
+    """`TileMods` marks the kernels' own q_idx and kv_idx vectors with their bound
+    (`score_tile._bounded`), so ALiBi's `q_idx - kv_idx` reaches float32 as two converted
+    vectors (`mod_eval._OuterSum`: no integer tile converted); with an offsets operand
+    (meshes, decode positions: traced shifts) nothing is marked and the tile is converted."""
+    from flexjax import mods
+    from pallas_kernels.mosaic_gpu.tile_ops import MosaicTileOps
+    from pallas_kernels.score_tile import TileMods
+    from pallas_kernels.triton.launch import kernel_mods
+
+    q = jnp.zeros((1, 2, 256, 64), jnp.float16)
+    alibi = mods.generate_alibi_functional(2)
+    call = prepare(q, q, q, alibi, None, kernel_options={"interpret": True})
+    programs, tile = kernel_mods(call.mods)["programs"], (64, 128)
+
+    def scores(s):
+        ops = MosaicTileOps(True, tile)
+        shifts = jnp.zeros(4, jnp.int32) if offsets else None
+        tile_mods = TileMods(call.spec, programs, [], [], shifts, ops)
+        q_idx, kv_idx = ops.index(jnp.int32(64), 0), ops.index(jnp.int32(128), 1)
+        return tile_mods.apply(s, jnp.int32(0), jnp.int32(1), q_idx, kv_idx, False)[0]
+
+    eqns = jax.make_jaxpr(scores)(jnp.zeros(tile, jnp.float32)).jaxpr.eqns
+    converted = [
+        e for e in eqns
+        if e.primitive.name == "convert_element_type" and e.invars[0].aval.shape == tile
+        and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer)
+    ]  # fmt: skip
+    assert len(converted) == (1 if offsets else 0), converted
