@@ -4,10 +4,10 @@ A score_mod such as ALiBi's `score + slope * (q_idx - kv_idx)` converts an
 integer tile to float32 per score; the evaluator now converts the row and
 column index vectors instead and subtracts in float32 (`mod_eval._OuterSum`,
 exact). This times both forms side by side: the Mosaic GPU kernels (the
-backend whose index tiles are vectors; AUTO's choice on sm90) forward and forward + backward (`jax.vjp` with out's
-cotangent), for causal (no score_mod: the control), alibi_closure and
-alibi_functional, under a causal BlockMask, with the loop timer
-(`timing.py`). Each form runs in its own process (kernels are cached per
+backend whose index tiles are vectors; AUTO's choice on sm90) forward and
+forward + backward (`jax.vjp` with out's cotangent), for causal (no
+score_mod: the control), alibi_closure and alibi_functional, under a causal
+BlockMask, with the loop timer (`timing.py`). Each form runs in its own process (kernels are cached per
 program), the "tile" form with `mod_eval._F32_EXACT = -1`; outputs of the two
 forms are compared bitwise.
 
@@ -35,7 +35,7 @@ from flexjax import masks, mods
 SHAPES = {  # B, H, S, D, dtype
     "bf16 D128": (4, 16, 8192, 128, "bfloat16"),
     "fp16 D64": (16, 16, 8192, 64, "float16"),
-    "small": (1, 2, 256, 64, "float16"),  # CPU smoke test (interpret mode)
+    "small": (1, 2, 256, 64, "float16"),  # a CPU run (interpret mode: about 12 minutes)
 }
 FORMS = ("vectors", "tile")
 
