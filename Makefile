@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # CPU wheel the developer and CI machines carry.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test demo lint bench-mask clean
+.PHONY: install test test-slow demo lint bench-mask clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q tests
 	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(PY) -m pytest -q tests/multidevice
+
+# Long CPU cases of non-default kernel options (marked slow), kept out of `make test`'s 20 minutes.
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
 
 demo: install
 	$(PY) -m flexjax.gym

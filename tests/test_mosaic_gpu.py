@@ -282,7 +282,13 @@ BWD_ORDERS = {  # kernel_options of the backward's other matmul orders and sched
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("order", list(BWD_ORDERS))
+_SLOW_ORDERS = ("unpaired, turns, 3 stages", "unpaired, dk/dv steps of 128 q rows")  # not defaults
+
+
+@pytest.mark.parametrize(
+    "order",
+    [pytest.param(o, marks=pytest.mark.slow) if o in _SLOW_ORDERS else o for o in BWD_ORDERS],
+)
 def test_backward_matmul_orders_match_reference_in_interpret_mode(order):
     """The dk/dv kernel's paired matmul groups and the consumers' turns (ping-pong) in both
     kernels, and rings of other depths: the same gradients, the rings wrapping (S = 384)."""
@@ -321,6 +327,7 @@ def test_backward_in_jax_layout_and_its_races(monkeypatch, q_rows):
     _check_grads(got, want, TOL[jnp.bfloat16])
 
 
+@pytest.mark.slow  # (66 s each; the group loop is off by default)
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_backward_group_loop_matches_reference_and_its_races(monkeypatch, layout):
     """MOSAIC_BWD_GROUP_LOOP: a dk/dv CTA per kv head streaming its query heads' q blocks in
