@@ -34,6 +34,7 @@ SHAPES = {
     "bf16 D128": (4, 16, 8192, 128, "bfloat16"),
     "fp16 D64": (16, 16, 8192, 64, "float16"),
     "bf16 D128 gqa4": (4, 16, 8192, 128, "bfloat16"),  # 4 query heads per kv head
+    "small": (1, 2, 256, 64, "float16"),  # (relative_bias_ab.py on a CPU: interpret mode)
 }
 KV_HEADS = {"bf16 D128 gqa4": 4}  # (the others: one kv head per query head)
 

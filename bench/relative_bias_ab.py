@@ -28,15 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import flexjax as fj
+from bench.bench_mosaic_bwd import SHAPES, causal_inputs
 from bench.report import meta_info, write_report
 from bench.timing import time_loop_jax
-from flexjax import masks, mods
+from flexjax import mods
 
-SHAPES = {  # B, H, S, D, dtype
-    "bf16 D128": (4, 16, 8192, 128, "bfloat16"),
-    "fp16 D64": (16, 16, 8192, 64, "float16"),
-    "small": (1, 2, 256, 64, "float16"),  # a CPU run (interpret mode: about 12 minutes)
-}
 FORMS = ("vectors", "tile")
 
 
@@ -54,12 +50,9 @@ def run_form(shape: str, form: str, reps: int) -> dict:
         from pallas_kernels import mod_eval
 
         mod_eval._F32_EXACT = -1  # no `_OuterSum`: the integer tile is converted
-    B, H, S, D, dt = SHAPES[shape]
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, H, S, D), dt) for kk in keys)
-    bm = fj.create_block_mask(masks.causal_mask, None, None, S, S)
+    q, k, v, do, bm = causal_inputs(shape)
     rows = {}
-    for name, score_mod in _mods(H).items():
+    for name, score_mod in _mods(q.shape[1]).items():
         attend = lambda q, k, v, m=score_mod: fj.flex_attention(
             q, k, v, m, block_mask=bm, kernel_options={"BACKEND": "MOSAIC_GPU"}
         )
@@ -84,7 +77,7 @@ def run_form(shape: str, form: str, reps: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="bf16 D128", choices=list(SHAPES))
+    p.add_argument("--shape", default="bf16 D128", choices=["bf16 D128", "fp16 D64", "small"])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--form", choices=FORMS, default=None, help="(internal: one form's process)")
     p.add_argument("--out", default=None)

@@ -131,7 +131,7 @@ class _OuterSum:
         return _OuterSum(*(v.map(lambda x: x * c, abs(c) * v.bound) for v in (self.a, self.b)))
 
     def to_float32(self):
-        a, b = (v.map(lambda x: x.astype(jnp.float32), v.bound).expand() for v in (self.a, self.b))
+        a, b = (v.map(lambda x: x.astype(jnp.float32)).expand() for v in (self.a, self.b))
         return a + b
 
     def expand(self):
@@ -168,7 +168,7 @@ def _outer_sum_op(prim, tiles, params):
     if name == "mul" and len(tiles) == 2:
         outer, c = tiles if isinstance(tiles[0], _OuterSum) else tiles[::-1]
         c = _static_int(c)
-        return None if c is None or not isinstance(outer, _OuterSum) else outer.scaled(c)
+        return None if c is None else outer.scaled(c)
     if name == "convert_element_type" and jnp.dtype(params["new_dtype"]) == jnp.float32:
         return tiles[0].to_float32()
     return None
